@@ -1,0 +1,7 @@
+"""Subcommands of the ``medtl`` command line, one module each."""
+
+#: Modules that define ``register(subparsers)``, in the order ``medtl --help`` lists them.
+COMMANDS: tuple[str, ...] = (
+    "medtl.commands.run",
+    "medtl.commands.plugins",
+)

@@ -1,0 +1,281 @@
+"""The study file: a YAML document validated into typed pydantic objects.
+
+Nothing in a study file is evaluated as code: YAML is read with ``yaml.safe_load``
+and every value is checked against the schema below. Unknown keys are errors, so a
+typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medtl.errors import ConfigError
+
+__all__ = [
+    "Study",
+    "load_study",
+    "parse_override",
+    "apply_overrides",
+    "study_from_dict",
+    "DEFAULT_STUDY",
+]
+
+#: The study that ``medtl run`` runs when no file is given.
+DEFAULT_STUDY = Path("sample_data") / "study.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Section):
+    """How the manifest is split into train, validation and test sets."""
+
+    val: float = Field(0.15, ge=0.0, lt=1.0, description="fraction of patients for validation")
+    test: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of patients for testing")
+    allow_image_split: bool = Field(
+        False, description="split by image when the manifest has no patient_id column"
+    )
+
+    @model_validator(mode="after")
+    def _check_sum(self) -> "SplitConfig":
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"val + test must be below 1, got {self.val} + {self.test}")
+        return self
+
+
+class DataConfig(_Section):
+    manifest: str = Field(..., description="CSV manifest (path,label,site,patient_id[,split]) or a MedMNIST .npz")
+    image_size: list[int] = Field(default_factory=lambda: [64, 64])
+    spatial_dims: Literal[2, 3] = 2
+    channels: int = Field(1, ge=1)
+    labels: list[str] | None = Field(None, description="class names in label order; inferred when missing")
+    site: str | None = Field(None, description="site name for a manifest without a site column, such as a .npz")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    sources: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options per source name, passed to medtl.create('source', ...)"
+    )
+    intensity: Literal["minmax", "zscore", "none"] = "minmax"
+    cache: bool = True
+    cache_dir: str | None = None
+    on_bad_file: Literal["fail", "skip"] = "fail"
+
+    @model_validator(mode="after")
+    def _check_size(self) -> "DataConfig":
+        if len(self.image_size) != self.spatial_dims:
+            raise ValueError(
+                f"image_size has {len(self.image_size)} values but spatial_dims is {self.spatial_dims}"
+            )
+        if any(s < 1 for s in self.image_size):
+            raise ValueError(f"image_size values must be positive, got {self.image_size}")
+        return self
+
+
+class SiteConfig(_Section):
+    role: Literal["source", "target"] = Field(
+        "source", description="source sites are labeled for training; target sites are only adapted to"
+    )
+
+
+class TransformConfig(_Section):
+    preset: str = "default"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ComponentConfig(_Section):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class BackboneConfig(ComponentConfig):
+    weights: str | None = Field(None, description="local .pt, .pth or .safetensors file with starting weights")
+    strict: bool = False
+
+
+class HeadConfig(_Section):
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class ModelConfig(_Section):
+    backbone: BackboneConfig = Field(default_factory=lambda: BackboneConfig(name="resnet18"))
+    pooling: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="avg"))
+    head: HeadConfig = Field(default_factory=HeadConfig)
+
+
+class StrategyConfig(_Section):
+    name: str = "finetune"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Section):
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class ScheduleConfig(_Section):
+    name: Literal["constant", "cosine", "dann"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    alpha: float = Field(10.0, ge=0, description="dann annealing: lr = lr0 / (1 + alpha * p) ** beta")
+    beta: float = Field(0.75, ge=0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1, description="default: one pass over the labeled training set")
+    num_workers: int = Field(0, ge=0)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    select_metric: str = Field("auc", description="validation metric that picks the best checkpoint")
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class EvaluationConfig(_Section):
+    metrics: list[str] = Field(default_factory=lambda: ["auc", "accuracy", "balanced_accuracy"])
+    splits: list[str] = Field(default_factory=lambda: ["test"])
+    bootstrap: int = Field(0, ge=0, description="bootstrap resamples for confidence intervals; 0 disables")
+
+
+class OutputConfig(_Section):
+    dir: str = "runs"
+    name: str | None = Field(None, description="run folder name; default: study name and timestamp")
+
+
+class PluginsConfig(_Section):
+    block: list[str] = Field(default_factory=list)
+    allow: list[str] | None = None
+    modules: list[str] = Field(default_factory=list, description="local plugin modules to import")
+    strict: bool = False
+
+
+class Study(_Section):
+    """A whole study file."""
+
+    name: str = "study"
+    seed: int = 0
+    data: DataConfig
+    sites: dict[str, SiteConfig] = Field(default_factory=dict)
+    transforms: TransformConfig = Field(default_factory=TransformConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+
+    #: folder of the study file; relative paths in it resolve against this folder
+    base_dir: str = Field(".", exclude=True)
+
+    @field_validator("sites")
+    @classmethod
+    def _check_sites(cls, value: dict[str, SiteConfig]) -> dict[str, SiteConfig]:
+        if value and not any(s.role == "source" for s in value.values()):
+            raise ValueError("at least one site needs role: source, because training needs labels")
+        return value
+
+    def resolve_path(self, path: str | None) -> Path | None:
+        """Resolve a path from the study file against the study file's folder."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------
+# Loading and overrides
+# ---------------------------------------------------------------------------
+
+
+def _format_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        received = err.get("input")
+        text = err["msg"]
+        if err["type"] == "extra_forbidden":
+            text = "unknown key; check the spelling against the study-file reference in README.md"
+        elif not isinstance(received, dict):
+            text = f"{text} (received {received!r})"
+        problems.append((key, text))
+    return problems
+
+
+def study_from_dict(raw: Any, base_dir: str | Path = ".", source: str = "study") -> Study:
+    """Validate a parsed study document."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the study file must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        return Study.model_validate({**raw, "base_dir": str(base_dir)})
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid study file", _format_errors(exc)) from None
+
+
+def read_study_dict(path: str | Path) -> dict[str, Any]:
+    """Read a study file's YAML without validating it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file not found: {path}. Pass the path of a study YAML file.")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return raw if raw is not None else {}
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
+    """Read, override and validate a study file.
+
+    Args:
+        path: the study YAML file.
+        overrides: ``key.path=value`` strings, as given to ``--set``; values are
+            parsed as YAML scalars or lists (``train.epochs=3``, ``data.image_size=[32,32]``).
+    """
+    path = Path(path)
+    raw = read_study_dict(path)
+    raw = apply_overrides(raw, overrides or [])
+    return study_from_dict(raw, base_dir=path.parent, source=str(path))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``key.path=value`` into the key path and the YAML-parsed value."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"invalid override {text!r}: expected key.path=value, for example train.epochs=3")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid override {text!r}: the value is not valid YAML: {exc}") from None
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``key.path=value`` override applied."""
+    result = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = result
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise ConfigError(f"invalid override {text!r}: {where} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return result

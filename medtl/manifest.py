@@ -1,0 +1,267 @@
+"""The study manifest: one row per image, with its label, site and patient.
+
+A manifest is a CSV file with the columns ``path``, ``label``, ``site`` and
+``patient_id``, and optionally ``split``. Paths resolve against the CSV's folder.
+A MedMNIST ``.npz`` file also serves as a manifest: its rows are expanded by the
+``npz`` source and keep the dataset's own train/val/test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
+from medtl.errors import DataError
+
+__all__ = ["Manifest", "Row", "load_manifest", "assign_splits", "file_sha256"]
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("path", "label", "site", "patient_id")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Row:
+    """One image of the study. ``index`` is the row's position in the manifest."""
+
+    index: int
+    path: str
+    label: str | None
+    site: str
+    patient_id: str
+    split: str | None = None
+    source: str | None = None
+
+
+@dataclass
+class Manifest:
+    rows: list[Row]
+    path: str
+    sha256: str
+    labels: list[str] = field(default_factory=list)
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted({r.site for r in self.rows})
+
+    def label_index(self, label: str) -> int:
+        return self.labels.index(label)
+
+    def select(self, site: str | None = None, split: str | None = None) -> list[Row]:
+        return [
+            r for r in self.rows if (site is None or r.site == site) and (split is None or r.split == split)
+        ]
+
+    def counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Count images per site, split and label."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for r in self.rows:
+            per_split = out.setdefault(r.site, {}).setdefault(r.split or "none", {})
+            key = r.label if r.label is not None else "unlabeled"
+            per_split[key] = per_split.get(key, 0) + 1
+        return out
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sort_labels(labels: set[str]) -> list[str]:
+    try:
+        return sorted(labels, key=lambda x: float(x))
+    except ValueError:
+        return sorted(labels)
+
+
+def load_manifest(
+    path: str | Path,
+    *,
+    default_site: str | None = None,
+    labels: list[str] | None = None,
+    allow_missing_patient: bool = False,
+    check_files: bool = True,
+    npz_source: Any = None,
+) -> Manifest:
+    """Read and validate a manifest, reporting every problem at once.
+
+    Args:
+        path: the CSV (or MedMNIST ``.npz``) file.
+        default_site: site name for rows without a ``site`` column.
+        labels: the allowed labels in class order; inferred from the rows when missing.
+        allow_missing_patient: accept a manifest without ``patient_id`` and treat each
+            image as its own patient (images of one patient may then share splits).
+        check_files: check that every path exists.
+        npz_source: the source that expands a ``.npz`` manifest into rows.
+
+    Raises:
+        DataError: listing all problems found, with row numbers.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"manifest not found: {path}. Set data.manifest to an existing CSV file.")
+    sha = file_sha256(path)
+    if path.suffix == ".npz":
+        if npz_source is None:
+            raise DataError(f"{path}: a .npz manifest needs the npz source plugin, which is not loaded")
+        raw_rows = npz_source.expand(str(path))
+        base = path.parent
+        columns = set(REQUIRED_COLUMNS) | {"split"}
+    else:
+        raw_rows, columns = _read_csv(path)
+        base = path.parent
+
+    problems: list[str] = []
+    missing = [c for c in ("path", "label") if c not in columns]
+    if "site" not in columns and default_site is None:
+        missing.append("site")
+    if "patient_id" not in columns and not allow_missing_patient:
+        problems.append(
+            "no patient_id column: medtl splits by patient so that no patient lands in two splits. "
+            "Add the column, or set data.split.allow_image_split: true to split by image."
+        )
+    if missing:
+        problems.append(f"missing column(s): {', '.join(missing)}")
+    if problems:
+        raise DataError(f"{path}: invalid manifest:\n  " + "\n  ".join(problems))
+
+    rows: list[Row] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(raw_rows):
+        line = i + 2  # header is line 1
+        rel = (raw.get("path") or "").strip()
+        if not rel:
+            problems.append(f"row {line}: empty path")
+            continue
+        full = rel if "#" in rel and path.suffix == ".npz" else str(base / rel) if not Path(rel).is_absolute() else rel
+        if full in seen:
+            problems.append(f"row {line}: duplicate path {rel!r} (first at row {seen[full]})")
+        seen[full] = line
+        if check_files and path.suffix != ".npz" and not Path(full).exists():
+            problems.append(f"row {line}: file not found: {rel}")
+        label = (raw.get("label") or "").strip() or None
+        site = (raw.get("site") or "").strip() or default_site
+        if not site:
+            problems.append(f"row {line}: empty site")
+            continue
+        patient = (raw.get("patient_id") or "").strip()
+        if not patient:
+            if allow_missing_patient:
+                patient = f"image-{i}"
+            else:
+                problems.append(f"row {line}: empty patient_id")
+                continue
+        split = (raw.get("split") or "").strip() or None
+        if split is not None and split not in SPLITS:
+            problems.append(f"row {line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
+        rows.append(Row(i, full, label, site, patient, split, raw.get("source") or None))
+
+    present = {r.label for r in rows if r.label is not None}
+    if labels is not None:
+        unknown = sorted(present - set(labels))
+        if unknown:
+            problems.append(f"labels not in data.labels {labels}: {unknown}")
+        label_list = list(labels)
+    else:
+        label_list = _sort_labels(present)
+    if len(label_list) < 2 and rows:
+        problems.append(f"need at least 2 classes, found {label_list}")
+    if problems:
+        shown = problems[:50]
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise DataError(f"{path}: invalid manifest ({len(problems)} problems):\n  " + "\n  ".join(shown) + more)
+    if not rows:
+        raise DataError(f"{path}: the manifest has no rows")
+    return Manifest(rows=rows, path=str(path), sha256=sha, labels=label_list)
+
+
+def _read_csv(path: Path) -> tuple[list[dict[str, str]], set[str]]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = {c.strip() for c in (reader.fieldnames or [])}
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: not a readable CSV file: {exc}") from None
+    rows = [{(k or "").strip(): v for k, v in r.items()} for r in rows]
+    return rows, columns
+
+
+def assign_splits(manifest: Manifest, val: float, test: float, seed: int) -> None:
+    """Assign train/val/test to rows without a split, by patient and stratified by label.
+
+    Splits are made per site, so each site has its own internal test set. All images
+    of a patient go to one split. Rows that already carry a split keep it.
+    """
+    for site in manifest.sites:
+        rows = [r for r in manifest.select(site=site) if r.split is None]
+        if not rows:
+            continue
+        patients = sorted({r.patient_id for r in rows})
+        # A patient's label for stratification is its most frequent image label.
+        by_patient: dict[str, list[str]] = {}
+        for r in rows:
+            by_patient.setdefault(r.patient_id, []).append(r.label or "unlabeled")
+        patient_label = {p: max(set(v), key=v.count) for p, v in by_patient.items()}
+        assignment = _split_patients(patients, patient_label, val, test, seed)
+        for r in rows:
+            r.split = assignment[r.patient_id]
+        counts = {s: sum(1 for r in rows if r.split == s) for s in SPLITS}
+        logger.info("site %s split by patient: %s", site, counts)
+
+
+def _split_patients(
+    patients: list[str], patient_label: dict[str, str], val: float, test: float, seed: int
+) -> dict[str, str]:
+    ids = np.arange(len(patients))
+    y = np.array([patient_label[p] for p in patients])
+    assignment = {p: "train" for p in patients}
+    remaining = ids
+    for split_name, fraction in (("test", test), ("val", val / max(1e-9, 1 - test))):
+        if fraction <= 0 or len(remaining) < 2:
+            continue
+        chosen = _pick_fraction(remaining, y[remaining], fraction, seed)
+        for i in chosen:
+            assignment[patients[i]] = split_name
+        remaining = np.setdiff1d(remaining, chosen)
+    return assignment
+
+
+def _pick_fraction(ids: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Pick about ``fraction`` of ``ids``, stratified by ``y`` where every class allows it."""
+    n_folds = max(2, int(round(1 / fraction)))
+    _, class_counts = np.unique(y, return_counts=True)
+    if class_counts.min() >= n_folds:
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        _, held = next(splitter.split(ids, y, groups=ids))
+    else:
+        splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        _, held = next(splitter.split(ids, y, groups=ids))
+    return ids[held]
+
+
+def write_split_csv(manifest: Manifest, path: Path) -> None:
+    """Write the split each manifest row was given (row index, site, patient, split)."""
+    from medtl.runio import atomic_write_text
+
+    lines = ["row,site,patient_id,split"]
+    for r in manifest.rows:
+        lines.append(f"{r.index},{_csv_field(r.site)},{_csv_field(r.patient_id)},{r.split}")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _csv_field(value: str) -> str:
+    if any(c in value for c in ',"\n'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
