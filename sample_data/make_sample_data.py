@@ -42,8 +42,8 @@ def _anatomy(rng: np.random.Generator) -> np.ndarray:
 def _nodule(rng: np.random.Generator) -> np.ndarray:
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     cx, cy = rng.uniform(14, SIZE - 14, size=2)
-    radius = rng.uniform(2.0, 3.5)
-    amplitude = rng.uniform(0.10, 0.22)
+    radius = rng.uniform(2.5, 4.0)
+    amplitude = rng.uniform(0.15, 0.30)
     return amplitude * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * radius**2))
 
 
