@@ -91,7 +91,7 @@ class _Covariance(torch.autograd.Function):
         m = x.shape[-1]
         xc = x - x.mean(dim=-1, keepdim=True)
         ctx.save_for_backward(xc)
-        out = xc.new_empty(x.shape[0], x.shape[1], x.shape[1])
+        out = xc.new_empty((x.shape[0], x.shape[1], x.shape[1]))
         return torch.baddbmm(out, xc, xc.transpose(-1, -2), beta=0, alpha=1.0 / m)
 
     @staticmethod
@@ -110,7 +110,7 @@ def covariance(x: torch.Tensor) -> torch.Tensor:
 
 def _scaled_bmm(left: torch.Tensor, right: torch.Tensor, alpha: float) -> torch.Tensor:
     """Return ``alpha·left·right`` with the scaling folded into the product."""
-    return torch.baddbmm(left.new_empty(left.shape[0], left.shape[1], right.shape[2]), left, right,
+    return torch.baddbmm(left.new_empty((left.shape[0], left.shape[1], right.shape[2])), left, right,
                          beta=0, alpha=alpha)
 
 

@@ -157,3 +157,15 @@ def test_matmul_count_as_documented(iterations: int):
     with _CountSquareProducts(d) as counter:
         out.backward(torch.randn_like(out))
     assert counter.count == expected_backward
+
+
+def test_monai_metatensor_input():
+    # the engine's data pipeline hands MONAI MetaTensors to the network
+    from monai.data import MetaTensor
+
+    pool = ISqrtCovPool(6, dim=4)
+    x = MetaTensor(torch.randn(2, 6, 3, 3)).requires_grad_()
+    out = pool(x)
+    out.sum().backward()
+    assert out.shape == (2, 10)
+    assert torch.isfinite(x.grad).all()
