@@ -141,7 +141,7 @@ class TrainConfig(_Section):
 class EvaluationConfig(_Section):
     metrics: list[str] = Field(default_factory=lambda: ["auc", "accuracy", "balanced_accuracy"])
     splits: list[str] = Field(default_factory=lambda: ["test"])
-    bootstrap: int = Field(0, ge=0, description="bootstrap resamples for confidence intervals; 0 disables")
+    bootstrap: int = Field(1000, ge=0, description="patient bootstrap resamples for confidence intervals; 0 disables")
 
 
 class OutputConfig(_Section):
@@ -172,6 +172,10 @@ class Study(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    trackers: list[str] = Field(
+        default_factory=list,
+        description="experiment trackers to log to, such as tensorboard or mlflow; each needs its extra installed",
+    )
 
     #: folder of the study file; relative paths in it resolve against this folder
     base_dir: str = Field(".", exclude=True)

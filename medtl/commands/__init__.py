@@ -3,5 +3,8 @@
 #: Modules that define ``register(subparsers)``, in the order ``medtl --help`` lists them.
 COMMANDS: tuple[str, ...] = (
     "medtl.commands.run",
+    "medtl.commands.evaluate",
+    "medtl.commands.shift",
+    "medtl.commands.compare",
     "medtl.commands.plugins",
 )
