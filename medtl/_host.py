@@ -41,6 +41,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "medtl_plugins.poolings",
     "medtl_plugins.finetune",
     "medtl_plugins.metrics",
+    "medtl_plugins.tensorboard_tracker",
+    "medtl_plugins.mlflow_tracker",
 )
 
 #: Component kind -> the hook that registers it.

@@ -22,7 +22,7 @@ from medtl.methods import AUTHOR_TODO, MethodsSection, build_methods, methods_ma
 from medtl.runio import atomic_write_json, atomic_write_text
 
 __all__ = ["write_report", "write_run_report", "render_report", "render_comparison", "figure_to_data_uri",
-           "update_metrics"]
+           "update_metrics", "flatten_numbers"]
 
 logger = logging.getLogger(__name__)
 
@@ -466,3 +466,28 @@ def _comparison_plot(comparison: dict[str, Any]) -> str | None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     return figure_to_data_uri(fig)
+
+
+def flatten_numbers(metrics: dict[str, Any], skip: tuple[str, ...] = ("history",)) -> dict[str, float]:
+    """Flatten the scalar numbers of a metrics dict into ``a.b.c`` keys, for trackers.
+
+    Confidence intervals (``ci`` lists of two numbers) become ``.ci_low`` and ``.ci_high``;
+    other lists (curves, embeddings) and the keys in ``skip`` are left out.
+    """
+    out: dict[str, float] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if prefix == "" and key in skip:
+                    continue
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        elif isinstance(node, bool) or node is None:
+            return
+        elif isinstance(node, (int, float)):
+            out[prefix] = float(node)
+        elif isinstance(node, list) and prefix.endswith(".ci") and len(node) == 2:
+            out[prefix + "_low"], out[prefix + "_high"] = float(node[0]), float(node[1])
+
+    walk(metrics, "")
+    return out

@@ -55,7 +55,8 @@ def proxy_a_distance(a: np.ndarray, b: np.ndarray, folds: int = 5, seed: int = 0
     components = int(min(max_components, x.shape[1], len(x) * (folds - 1) // folds - 1))
     steps: list[Any] = [StandardScaler()]
     if components < x.shape[1]:
-        steps.append(PCA(n_components=max(1, components), random_state=seed))
+        # A full SVD of these small matrices is faster than the randomized solver sklearn picks.
+        steps.append(PCA(n_components=max(1, components), svd_solver="full"))
     steps.append(LogisticRegression(max_iter=2000, class_weight="balanced"))
     classifier = make_pipeline(*steps)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -119,11 +120,11 @@ def mmd_permutation_test(a: np.ndarray, b: np.ndarray, permutations: int = 500, 
             "permutations": int(permutations), "n_a": int(len(a)), "n_b": int(len(b))}
 
 
-def embed_2d(features: np.ndarray, seed: int = 0, max_tsne: int = 2000) -> dict[str, Any]:
+def embed_2d(features: np.ndarray, seed: int = 0, max_tsne: int = 2000, tsne: bool = True) -> dict[str, Any]:
     """Project features to 2D with PCA, and with t-SNE where the sample size allows.
 
-    t-SNE runs for 10 to ``max_tsne`` samples, with a perplexity below a third of the
-    sample size; otherwise ``tsne`` is None and ``tsne_note`` says why.
+    t-SNE runs when ``tsne`` is true for 10 to ``max_tsne`` samples, with a perplexity
+    below a third of the sample size; otherwise ``tsne`` is None and ``tsne_note`` says why.
     """
     x = StandardScaler().fit_transform(np.asarray(features, dtype=np.float64))
     n = len(x)
@@ -134,7 +135,9 @@ def embed_2d(features: np.ndarray, seed: int = 0, max_tsne: int = 2000) -> dict[
     out: dict[str, Any] = {"pca": np.round(points, 4).tolist(),
                            "pca_explained_variance": [float(v) for v in pca.explained_variance_ratio_],
                            "tsne": None}
-    if n < 10:
+    if not tsne:
+        out["tsne_note"] = "t-SNE not requested"
+    elif n < 10:
         out["tsne_note"] = f"t-SNE skipped: {n} samples, fewer than 10"
     elif n > max_tsne:
         out["tsne_note"] = f"t-SNE skipped: {n} samples, more than {max_tsne}"
@@ -142,8 +145,8 @@ def embed_2d(features: np.ndarray, seed: int = 0, max_tsne: int = 2000) -> dict[
         from sklearn.manifold import TSNE
 
         perplexity = float(min(30.0, (n - 1) / 3.0))
-        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-        out["tsne"] = np.round(tsne.fit_transform(x), 4).tolist()
+        model = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+        out["tsne"] = np.round(model.fit_transform(x), 4).tolist()
         out["tsne_perplexity"] = perplexity
     return out
 
@@ -177,14 +180,15 @@ def _compare(reference: np.ndarray, other: np.ndarray, permutations: int, seed: 
 
 
 def measure_shift(trained: Any, data: str | None = None, permutations: int = 500, seed: int = 0,
-                  max_embedding: int = 2000) -> dict[str, Any]:
+                  max_embedding: int = 2000, tsne: bool = True) -> dict[str, Any]:
     """Measure shift between the training split and each evaluated group of a loaded run.
 
     The reference is the training split of the training sites. It is compared with
     the internal test split of those sites (the shift that the internal test measures)
     and with every image of each external site: the run's target sites, or every site
     of ``data`` when a manifest is given. Features are the model's pooled features;
-    intensity histograms use the preprocessed model input.
+    intensity histograms use the preprocessed model input. ``tsne`` false skips the
+    t-SNE embedding, the slowest step.
 
     Returns ``reference`` (size), ``comparisons`` (per group: ``proxy_a_distance``
     and ``mmd``), ``embedding`` (2D points with their group, site and label) and
@@ -232,7 +236,7 @@ def measure_shift(trained: Any, data: str | None = None, permutations: int = 500
     chosen = {n: np.sort(rng.choice(len(features[n]), size=min(per_group, len(features[n])), replace=False))
               for n in names}
     stacked = np.concatenate([features[n][chosen[n]] for n in names])
-    embedding = embed_2d(stacked, seed=seed, max_tsne=max_embedding)
+    embedding = embed_2d(stacked, seed=seed, max_tsne=max_embedding, tsne=tsne)
     labels = trained.labels
     embedding["group"] = [n for n in names for _ in chosen[n]]
     embedding["site"] = [str(s) for n in names for s in predictions[n]["site"][chosen[n]]]

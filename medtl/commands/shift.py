@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_common_arguments(parser)
     parser.add_argument("--permutations", type=int, default=500, metavar="N",
                         help="permutations of the MMD test (default 500)")
+    parser.add_argument("--no-tsne", action="store_true", help="skip the t-SNE embedding (PCA only), which is slow")
     parser.add_argument("--stress", default=",".join(DEFAULT_SHIFTS), metavar="SHIFTS",
                         help=f"comma-separated simulated shifts, or 'none' (default: {','.join(DEFAULT_SHIFTS)}; "
                              f"all: {','.join(SHIFTS)})")
@@ -45,7 +46,8 @@ def shift_command(args: argparse.Namespace) -> int:
 
     trained = load_trained_run(Path(args.run_dir), device=args.device)
     out_dir = output_folder(trained.run_dir, args.data, args.out)
-    shift = measure_shift(trained, data=args.data, permutations=args.permutations, seed=args.seed)
+    shift = measure_shift(trained, data=args.data, permutations=args.permutations, seed=args.seed,
+                          tsne=not args.no_tsne)
     report = save_section(trained, out_dir, "shift", shift, args.data)
     print(f"{'compared with train':<20}  {'n':>4}  {'proxy A-dist':>12}  {'MMD2':>8}  {'p':>6}")
     for name, c in shift["comparisons"].items():
