@@ -476,18 +476,19 @@ def flatten_numbers(metrics: dict[str, Any], skip: tuple[str, ...] = ("history",
     """
     out: dict[str, float] = {}
 
-    def walk(node: Any, prefix: str) -> None:
+    def walk(node: Any, path: list[str]) -> None:
+        key = ".".join(path)
         if isinstance(node, dict):
-            for key, value in node.items():
-                if prefix == "" and key in skip:
+            for name, value in node.items():
+                if not path and name in skip:
                     continue
-                walk(value, f"{prefix}.{key}" if prefix else str(key))
+                walk(value, [*path, str(name)])
         elif isinstance(node, bool) or node is None:
             return
         elif isinstance(node, (int, float)):
-            out[prefix] = float(node)
-        elif isinstance(node, list) and prefix.endswith(".ci") and len(node) == 2:
-            out[prefix + "_low"], out[prefix + "_high"] = float(node[0]), float(node[1])
+            out[key] = float(node)
+        elif isinstance(node, list) and len(path) >= 2 and path[-2] == "ci" and len(node) == 2:
+            out[key + "_low"], out[key + "_high"] = float(node[0]), float(node[1])
 
-    walk(metrics, "")
+    walk(metrics, [])
     return out

@@ -11,6 +11,7 @@ It never contacts a tracking server. It needs the ``mlflow`` extra:
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,10 @@ def medtl_run_start(run: Any) -> None:
         raise PluginError("trackers: [mlflow] needs the MLflow package. Install it with "
                           "pip install 'medtl[mlflow]', or remove mlflow from trackers.") from exc
     store = run.path("mlruns")
+    # MLflow 3 rejects the file store unless this opt-in is set; medtl logs to a local
+    # folder so that no tracking server or database is needed. The variable is set for
+    # this process only, and a value the user set is kept.
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=store.resolve().as_uri())
     experiment = client.get_experiment_by_name(run.study.name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(run.study.name)
