@@ -3,8 +3,8 @@
 CLAIM is the Checklist for Artificial Intelligence in Medical Imaging (Mongan,
 Moy and Kahn, Radiology: Artificial Intelligence 2020; updated by Tejani et al.
 in 2024). The section covers its data, ground-truth, partition, model, training
-and evaluation topics. Where a run cannot know the answer (eligibility criteria,
-how labels were made), the item says so and lists it for the authors.
+and evaluation topics. Items that a run cannot fill in (eligibility criteria,
+how labels were made) are marked and listed for the authors.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def proxy_a_distance(a: np.ndarray, b: np.ndarray, folds: int = 5, seed: int = 0
     """Estimate the proxy A-distance between two feature samples.
 
     The domain classifier is standardization, PCA to at most ``max_components``
-    dimensions (fitted inside each fold) and logistic regression; its error is the
+    dimensions (fitted inside each fold) and logistic regression. Its error is the
     balanced error of out-of-fold predictions, so unequal sample sizes do not bias it.
 
     Returns ``pad`` (clipped to [0, 2]), ``raw_pad`` (unclipped), ``error``, ``folds``
@@ -124,7 +124,7 @@ def embed_2d(features: np.ndarray, seed: int = 0, max_tsne: int = 2000, tsne: bo
     """Project features to 2D with PCA, and with t-SNE where the sample size allows.
 
     t-SNE runs when ``tsne`` is true for 10 to ``max_tsne`` samples, with a perplexity
-    below a third of the sample size; otherwise ``tsne`` is None and ``tsne_note`` says why.
+    below a third of the sample size. Otherwise ``tsne`` is None and ``tsne_note`` gives the reason.
     """
     x = StandardScaler().fit_transform(np.asarray(features, dtype=np.float64))
     n = len(x)

@@ -2,8 +2,9 @@
 
 It logs the study settings as parameters, each epoch's losses and validation
 metrics, the final metrics, and the report, metrics and methods files as
-artifacts, to a local MLflow file store in ``RUN_DIR/mlruns`` (one experiment
-per study name); view them with ``mlflow ui --backend-store-uri RUN_DIR/mlruns``.
+artifacts. Everything goes to a local MLflow file store in ``RUN_DIR/mlruns``,
+with one experiment per study name. View it with
+``mlflow ui --backend-store-uri RUN_DIR/mlruns``.
 It never contacts a tracking server. It needs the ``mlflow`` extra:
 ``pip install 'medtl[mlflow]'``.
 """
@@ -59,9 +60,9 @@ def medtl_run_start(run: Any) -> None:
         raise PluginError("trackers: [mlflow] needs the MLflow package. Install it with "
                           "pip install 'medtl[mlflow]', or remove mlflow from trackers.") from exc
     store = run.path("mlruns")
-    # MLflow 3 rejects the file store unless this opt-in is set; medtl logs to a local
+    # MLflow 3 rejects the file store unless this opt-in is set. medtl logs to a local
     # folder so that no tracking server or database is needed. The variable is set for
-    # this process only, and a value the user set is kept.
+    # this process only, and a value the user already set is kept.
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=store.resolve().as_uri())
     experiment = client.get_experiment_by_name(run.study.name)

@@ -1,8 +1,8 @@
 """A tiny trained run of the sample study, trained once per test session and shared.
 
-The evaluate, shift and report tests need a finished run folder; training one costs
-most of their time, so they share this one and never modify it (commands that
-write go to copies or to their own output folders).
+The evaluate, shift and report tests need a finished run folder. Training one costs
+most of their time, so they share this one and never modify it. Commands that
+write files run on copies or write to their own output folders.
 """
 
 from __future__ import annotations

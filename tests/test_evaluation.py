@@ -86,7 +86,7 @@ def test_ece_zero_when_perfectly_calibrated():
 def test_ece_measures_overconfidence():
     labels = np.array([1] * 50 + [0] * 50)
     probs = _binary(np.full(100, 0.9))
-    # All predictions say class 1 with confidence 0.9 and half are right.
+    # Every prediction is class 1 with confidence 0.9, and half of them are right.
     assert expected_calibration_error(labels, probs) == pytest.approx(0.4)
 
 
@@ -144,7 +144,7 @@ def test_cross_site_reports_drop_with_interval():
     assert result["internal"]["auc"] == pytest.approx(result["sites"]["A"]["auc"])
 
 
-def test_patients_with_one_id_at_two_sites_stay_apart():
+def test_pooled_sites_keep_patients_apart():
     rng = np.random.default_rng(6)
     a = PredictionSet("A", "internal", *_binormal(rng, 20, 1, 1.0))
     b = PredictionSet("B", "internal", *_binormal(rng, 20, 1, 1.0))

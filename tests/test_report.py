@@ -52,7 +52,8 @@ def test_report_is_self_contained(tmp_path):
     sources = re.findall(r"src='([^']*)'", page)
     assert len(sources) >= 6, "expected training, ROC, calibration, embedding, histogram and stress plots"
     assert all(s.startswith("data:image/png;base64,") for s in sources)
-    assert "http://" not in page and "https://" not in page
+    assert "http://" not in page
+    assert "https://" not in page
     assert "Content-Security-Policy" in page
 
 

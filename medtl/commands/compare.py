@@ -47,7 +47,7 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
 def collect_comparison(run_dirs: list[Path], metric: str) -> dict[str, Any]:
     """Gather per-site values of ``metric`` from runs, with the training-site x test-site matrix.
 
-    Matrix rows are the training sites of a run joined by ``+``; a cell is the mean of
+    Matrix rows are the training sites of a run joined by ``+``. A cell is the mean of
     ``metric`` over the runs with those training sites.
     """
     runs = [_run_summary(d) for d in run_dirs]
