@@ -204,17 +204,21 @@ class DicomSource:
     # -- series folders ------------------------------------------------------
 
     def scan_folder(self, folder: Path) -> tuple[list[SeriesInfo], dict[str, int]]:
-        """Read every DICOM header under ``folder`` and group images by SeriesInstanceUID.
+        """Read every DICOM file under ``folder`` and group images by SeriesInstanceUID.
 
         Returns the series (in order of SeriesNumber) and counts of files left out:
         ``not_dicom`` and ``no_pixels``.
         """
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return self.scan_files(files)
+
+    def scan_files(self, files: list[Path]) -> tuple[list[SeriesInfo], dict[str, int]]:
+        """Group the image files among ``files`` by SeriesInstanceUID, as :meth:`scan_folder` does."""
         import pydicom
         from pydicom.errors import InvalidDicomError
 
         counts = {"not_dicom": 0, "no_pixels": 0}
         groups: dict[str, SeriesInfo] = {}
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
         for path in files:
             try:
                 ds = pydicom.dcmread(path)
@@ -240,9 +244,9 @@ class DicomSource:
         series = sorted(groups.values(), key=lambda s: (s.number is None, s.number or 0, -len(s.paths)))
         return series, counts
 
-    def select_series(self, folder: Path) -> SeriesInfo:
-        """Pick the series of a folder by the ``series*`` options."""
-        series, counts = self.scan_folder(folder)
+    def select_series(self, folder: Path, files: list[Path] | None = None) -> SeriesInfo:
+        """Pick the series of a folder (or of the given files) by the ``series*`` options."""
+        series, counts = self.scan_folder(folder) if files is None else self.scan_files(files)
         if not series:
             raise BadFileError(str(folder), f"no DICOM image found in the folder ({counts['not_dicom']} files "
                                             f"are not DICOM, {counts['no_pixels']} hold no pixel data)")
