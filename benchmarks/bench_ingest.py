@@ -12,7 +12,7 @@ It writes synthetic CT files into a temporary folder, then measures:
    The page cache is warm for both, so the numbers compare decoding, not the disk.
 2. A cached epoch (``load_samples`` through :class:`medtl.cache.DiskCache`, entries
    present) against a cold epoch (empty cache: decode, preprocess, write the entry).
-3. Peak traced memory (``tracemalloc``, which sees NumPy buffers) while the source
+3. Peak traced memory (``tracemalloc``, which tracks NumPy buffers) while the source
    reads one series folder into a volume, relative to the size of the volume.
 
 The target figures are a ratio of at least 0.9 for (1) and at least 10 for (2).

@@ -86,6 +86,8 @@ class DiskCache:
         key = None
         if source is not None and getattr(source, "cacheable", False) and Path(row.path).exists():
             describe = getattr(source, "describe", None)
+            # NOTE: a source without describe() is keyed by its class name only, so a change
+            # of its options does not invalidate its entries.
             options = describe() if callable(describe) else type(source).__qualname__
             digest = hashlib.sha256()
             for part in (CACHE_FORMAT, content_digest(row.path), name, options, preprocessor.describe()):
@@ -137,7 +139,7 @@ class DiskCache:
 
 
 def open_cache(study: Any, sources: dict[str, Any]) -> DiskCache | None:
-    """Open the cache a study asks for: ``data.cache_dir``, by default ``<output.dir>/cache``."""
+    """Open the cache that a study requests: ``data.cache_dir``, by default ``<output.dir>/cache``."""
     if not study.data.cache:
         return None
     root = study.resolve_path(study.data.cache_dir) if study.data.cache_dir else Path(study.output.dir) / "cache"

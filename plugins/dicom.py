@@ -12,7 +12,7 @@ the modality LUT (RescaleSlope and RescaleIntercept, or a Modality LUT Sequence)
 inverts MONOCHROME1 so that higher values are brighter, expands PALETTE COLOR to RGB
 and returns float32. pydicom 3 already converts YBR_FULL and YBR_FULL_422 to RGB.
 
-The metadata it returns holds geometry and coding only (shape, spacing, affine,
+The metadata it returns contains geometry and coding only (shape, spacing, affine,
 modality, photometric interpretation, transfer syntax), never patient identifiers.
 """
 
@@ -57,7 +57,7 @@ class DicomOptions(BaseModel):
         None, description="explicit [center, width] linear window applied after the modality LUT; the output "
         "is scaled to 0..1. Takes precedence over voi")
     series: Literal["largest", "only"] = Field(
-        "largest", description="rule for a folder that holds several series: 'largest' picks the series with "
+        "largest", description="rule for a folder that contains several series: 'largest' picks the series with "
         "the most images (ties: lowest SeriesNumber), 'only' fails unless exactly one series is left")
     series_number: int | None = Field(None, description="keep only the series with this SeriesNumber")
     series_description: str | None = Field(
@@ -226,7 +226,7 @@ class DicomSource:
         for path in files:
             try:
                 # Deferred pixel data stays on disk until a slice is decoded, so a folder
-                # scan holds headers only.
+                # scan keeps headers only.
                 ds = pydicom.dcmread(path, defer_size="64 KB")
             except InvalidDicomError:
                 counts["not_dicom"] += 1
@@ -265,13 +265,13 @@ class DicomSource:
         found = "; ".join(s.label for s in series)
         if not candidates:
             raise BadFileError(str(folder), f"no series matches data.sources.dicom.series_number / "
-                                            f"series_description; the folder holds {found}")
+                                            f"series_description; the folder contains {found}")
         if len(candidates) > 1 and options.series == "only":
-            raise BadFileError(str(folder), f"the folder holds {len(candidates)} series ({found}); set "
+            raise BadFileError(str(folder), f"the folder contains {len(candidates)} series ({found}); set "
                                             "data.sources.dicom.series_number, or series: largest")
         chosen = max(candidates, key=lambda s: (len(s.paths), -(s.number or 0)))
         if len(series) > 1:
-            logger.warning("folder holds %d series; read %s by rule %r", len(series), chosen.label,
+            logger.warning("folder contains %d series; read %s by rule %r", len(series), chosen.label,
                            options.series)
         return chosen
 
@@ -504,7 +504,7 @@ def dicom_affine(row_cosines: np.ndarray, column_cosines: np.ndarray, origin: np
     """Build the RAS affine of an array indexed ``(slice, row, column)``.
 
     DICOM positions are in LPS millimetres. ``row_cosines`` (the first three values of
-    ImageOrientationPatient) point along a row, so they step with the column index;
+    ImageOrientationPatient) point along a row, so they step with the column index.
     ``pixel_spacing`` is (between rows, between columns), as in PixelSpacing.
     """
     affine = np.empty((4, 4))

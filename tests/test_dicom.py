@@ -190,7 +190,7 @@ def test_mixed_folder_selects_series_by_rule(tmp_path):
     assert meta["series"].startswith("series 2 ")
     chosen, _ = DicomSource(series_number=9).read(str(tmp_path / "mix"))
     assert np.array_equal(chosen[0], small.astype(np.float32) - 1024)
-    with pytest.raises(BadFileError, match="holds 2 series"):
+    with pytest.raises(BadFileError, match="contains 2 series"):
         DicomSource(series="only").read(str(tmp_path / "mix"))
 
 
@@ -281,3 +281,37 @@ def test_inspect_reports_kinds(tmp_path, capsys):
     assert entries[0]["orientation"] == "SPL"
     assert entries[1]["status"] == "skipped"
     assert entries[2]["status"] == "failed"
+
+
+def test_enhanced_frames_sorted_and_rescaled(tmp_path):
+    from pydicom.dataset import Dataset
+
+    frames = np.stack([np.full((4, 5), v, dtype=np.uint16) for v in (10, 20, 30)])
+    ds = make_dataset(frames[0], sop_class="1.2.840.10008.5.1.4.1.1.2.1", orientation=None)
+    ds.NumberOfFrames = 3
+    ds.PixelData = frames.tobytes()
+    del ds.PixelSpacing
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = [0.5, 0.6]
+    measures.SliceThickness = 5.0
+    shared.PixelMeasuresSequence = [measures]
+    plane = Dataset()
+    plane.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PlaneOrientationSequence = [plane]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for z in (5.0, 0.0, 10.0):  # stored order contradicts the positions
+        item, position, transform = Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = [0.0, 0.0, z]
+        transform.RescaleSlope, transform.RescaleIntercept = 2.0, -100.0
+        item.PlanePositionSequence = [position]
+        item.PixelValueTransformationSequence = [transform]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    path = save(ds, tmp_path / "enhanced.dcm")
+
+    array, meta = DicomSource().read(str(path))
+    assert array.shape == (1, 3, 4, 5)
+    assert [float(array[0, k, 0, 0]) for k in range(3)] == [-60.0, -80.0, -40.0]
+    assert meta["spacing"] == pytest.approx((5.0, 0.5, 0.6))
