@@ -644,7 +644,11 @@ def _series_geometry(datasets: list[Any], paths: list[Path], options: DicomOptio
         first, last = positions[order[0]], positions[order[-1]]
         direction = (last - first) / np.linalg.norm(last - first)
         tilt = math.degrees(math.acos(min(1.0, abs(float(direction @ normal)))))
-        step_vector = (last - first) / (len(order) - 1)
+        # Step along the stack direction (sheared when tilted) so that one step advances the
+        # median spacing along the normal. A missing slice then leaves a gap in the volume,
+        # which the policy above has already reported.
+        delta = last - first
+        step_vector = delta * (median / float(delta @ normal))
         if tilt > _TILT_TOLERANCE_DEG:
             issues.append(f"gantry tilt of {tilt:.2f} degrees: slices are sheared, and the affine keeps the shear")
     else:

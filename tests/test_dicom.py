@@ -69,7 +69,7 @@ def _pydicom_decodes(path: Path):
         return None
 
 
-def test_pydicom_test_files_match_pixel_array(capsys):
+def test_pydicom_files_match_pixel_array(capsys):
     source = DicomSource()
     files = sorted(p for p in TEST_FILES.rglob("*") if p.is_file())
     matched, rejected, syntaxes = [], [], set()
@@ -112,7 +112,7 @@ def test_multiframe_object_is_volume():
     assert meta["kind"] == "multiframe"
 
 
-def test_monochrome1_inverted_to_monochrome2_polarity(tmp_path):
+def test_monochrome1_inverted(tmp_path):
     pixels = np.array([[0, 100], [200, 4095]], dtype=np.uint16)
     ds = make_dataset(pixels, sop_class=CR_IMAGE_STORAGE, modality="CR", photometric="MONOCHROME1",
                       orientation=None)
@@ -160,7 +160,7 @@ def _volume(slices: int = 6) -> np.ndarray:
     return rng.integers(0, 2000, size=(slices, 8, 10)).astype(np.int16)
 
 
-def test_series_sorted_by_position_not_names_or_numbers(tmp_path):
+def test_series_sorted_by_position(tmp_path):
     volume = _volume(7)
     names = [f"img{n}.dcm" for n in random.Random(1).sample(range(100), 7)]
     instances = [3, 1, 7, 2, 6, 5, 4]  # contradicts the positions
@@ -204,6 +204,7 @@ def test_missing_slice_warns_or_fails(tmp_path, caplog):
     assert array.shape[1] == 5
     assert "missing" in caplog.text
     assert meta["spacing"][0] == pytest.approx(2.5)
+    assert np.linalg.norm(meta["affine"][:3, 0]) == pytest.approx(2.5)
     with pytest.raises(BadFileError, match="missing"):
         DicomSource(geometry="fail").read(str(tmp_path / "gap"))
 

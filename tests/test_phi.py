@@ -141,7 +141,10 @@ def test_study_outputs_contain_no_identifiers(tmp_path, caplog, capsys):
     printed = capsys.readouterr()
 
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
-    assert metrics["skipped"]["count"] >= 1  # the report; the cut file too, when its split is read
+    reasons = [entry["reason"] for entry in metrics["skipped"]["files"]]
+    assert metrics["skipped"]["count"] == 2
+    assert any("Basic Text SR Storage" in reason for reason in reasons)
+    assert any("could not be decoded" in reason for reason in reasons)
     outputs = _outputs(result.run_dir) + _outputs(tmp_path / "cache")
     assert any(p.suffix == ".npy" for p in outputs)
     texts = {"log records": caplog.text, "stdout": printed.out, "stderr": printed.err}
