@@ -1,9 +1,8 @@
 """The ``nifti`` source: NIfTI-1 and NIfTI-2 files read with nibabel.
 
-nibabel picks the affine as the NIfTI standard suggests: the sform when its code is
-above 0, else the qform when its code is above 0, else a scaling by the voxel sizes
-(``header.get_best_affine``). nibabel also applies scl_slope and scl_inter, and ignores
-a slope of 0 or NaN. The source then reorients the voxels to one canonical orientation
+nibabel 5 (``Nifti1Header.get_best_affine``) takes the sform when sform_code is not 0,
+else the qform when qform_code is not 0, else a scaling by the voxel sizes. nibabel also
+applies scl_slope and scl_inter, and treats a slope of 0 or NaN as no scaling. The source then reorients the voxels to one canonical orientation
 (RAS by default) so that files from different sites have the same axis order and
 direction.
 """

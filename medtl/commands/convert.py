@@ -1,6 +1,6 @@
 """``medtl convert INPUT... OUTPUT.nii.gz``: write what a source reads as a NIfTI file.
 
-The output holds exactly the voxels and the affine that the ``dicom`` or ``nifti``
+The output contains exactly the voxels and the affine that the ``dicom`` or ``nifti``
 source returns, so the command doubles as a way to check the readers with any
 NIfTI viewer. Spatial axes come first and channels, when there are several, are
 the fourth axis.
@@ -87,7 +87,7 @@ def to_nifti(array: np.ndarray, meta: dict[str, Any]) -> Any:
         data = data[..., 0]
     affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
     img = nib.Nifti1Image(data, affine)
-    # Code 1 (scanner) when the source knows the patient frame, else 2 (aligned).
+    # Code 1 (scanner) when the source has the patient frame, else 2 (aligned).
     code = 1 if meta.get("patient_frame", True) else 2
     img.set_sform(affine, code=code)
     img.set_qform(affine, code=code)

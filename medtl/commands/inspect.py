@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="file or folder")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                        help="source option, as under data.sources.NAME in a study (repeatable)")
+                        help="dicom source option, as under data.sources.dicom in a study, for example "
+                        "--option geometry=fail (repeatable)")
     parser.set_defaults(func=inspect_command)
 
 
