@@ -134,6 +134,20 @@ def test_window_option_scales_to_unit_range(tmp_path):
     assert 0.4 < array[0, 1, 0] < 0.6  # 40 HU is the window center
 
 
+def test_voi_option_applies_file_window(tmp_path):
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    pixels = np.array([[0, 1024], [1064, 2048]], dtype=np.int16)
+    ds = make_dataset(pixels, slope=1.0, intercept=-1024.0)
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    path = save(ds, tmp_path / "ct.dcm")
+    array, _ = DicomSource(voi="dicom").read(str(path))
+    expected = apply_voi_lut(apply_modality_lut(pixels, ds), ds)
+    assert np.array_equal(array[0], expected.astype(np.float32))
+    plain, _ = DicomSource().read(str(path))
+    assert np.array_equal(plain[0], pixels.astype(np.float32) - 1024)
+
+
 def test_unknown_option_names_config_key():
     with pytest.raises(ConfigError, match="data.sources.dicom.serie"):
         DicomSource(serie="largest")

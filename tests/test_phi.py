@@ -140,6 +140,13 @@ def test_study_outputs_contain_no_identifiers(tmp_path, caplog, capsys):
             lg.setLevel(level)
     printed = capsys.readouterr()
 
+    import hashlib
+
+    record = json.loads((result.run_dir / "run.json").read_text())
+    split_csv = (result.run_dir / "split.csv").read_bytes()
+    assert record["split"]["sha256"] == hashlib.sha256(split_csv).hexdigest()
+    assert len(record["manifest_sha256"]) == 64
+
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     reasons = [entry["reason"] for entry in metrics["skipped"]["files"]]
     assert metrics["skipped"]["count"] == 2
