@@ -7,4 +7,6 @@ COMMANDS: tuple[str, ...] = (
     "medtl.commands.shift",
     "medtl.commands.compare",
     "medtl.commands.plugins",
+    "medtl.commands.convert",
+    "medtl.commands.inspect",
 )
