@@ -152,7 +152,11 @@ class OutputConfig(_Section):
 class PluginsConfig(_Section):
     block: list[str] = Field(default_factory=list)
     allow: list[str] | None = None
-    modules: list[str] = Field(default_factory=list, description="local plugin modules to import")
+    modules: list[str] = Field(
+        default_factory=list,
+        description="local plugin modules: dotted names, looked up in the study file's folder first, "
+        "or .py files relative to that folder",
+    )
     strict: bool = False
 
 

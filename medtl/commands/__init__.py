@@ -4,4 +4,5 @@
 COMMANDS: tuple[str, ...] = (
     "medtl.commands.run",
     "medtl.commands.plugins",
+    "medtl.commands.plugin_new",
 )
