@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -186,6 +186,12 @@ class Study(_Section):
         if value and not any(s.role == "source" for s in value.values()):
             raise ValueError("at least one site needs role: source, because training needs labels")
         return value
+
+    @overload
+    def resolve_path(self, path: str) -> Path: ...
+
+    @overload
+    def resolve_path(self, path: None) -> None: ...
 
     def resolve_path(self, path: str | None) -> Path | None:
         """Resolve a path from the study file against the study file's folder."""

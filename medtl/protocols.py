@@ -2,9 +2,9 @@
 
 pluggy's hook calls are untyped: ``medtl.create("backbone", ...)`` returns ``Any``.
 The :class:`typing.Protocol` classes below state what medtl expects of each kind, so
-that an editor or mypy can check a plugin's classes against them, and the
-``create_*`` functions return typed components after checking at run time that the
-object has the members of its protocol.
+an editor or mypy can check a plugin's classes against them. The ``create_*``
+functions check at run time that a new component has the members of its protocol,
+and return it typed.
 
 A plugin author can annotate a factory's return type with a protocol::
 
@@ -19,7 +19,7 @@ structural, so no plugin class needs to inherit from them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -146,9 +146,6 @@ StrategyFactory = Callable[..., Strategy]
 # are left out of the run-time check when the component is created.
 _SET_LATER = {"network", "model"}
 
-_T = TypeVar("_T")
-
-
 def missing_members(obj: object, protocol: type) -> list[str]:
     """Return the members of ``protocol`` that ``obj`` lacks, sorted.
 
@@ -160,7 +157,7 @@ def missing_members(obj: object, protocol: type) -> list[str]:
     return sorted(n for n in names - _SET_LATER if not hasattr(obj, n))
 
 
-def _checked(obj: Any, protocol: type[_T], kind: str, name: str) -> _T:
+def _checked(obj: Any, protocol: type, kind: str, name: str) -> Any:
     missing = missing_members(obj, protocol)
     if missing:
         plugin = get_host().component_plugin(kind, name)
@@ -169,7 +166,7 @@ def _checked(obj: Any, protocol: type[_T], kind: str, name: str) -> _T:
             f"{', '.join(missing)}, which medtl.protocols.{protocol.__name__} requires. "
             "Fix the plugin, or block it with MEDTL_BLOCK_PLUGINS."
         )
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def create_source(name: str, **options: Any) -> Source:

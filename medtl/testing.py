@@ -79,12 +79,15 @@ def check_backbone(backbone: str | Callable[..., Any], *, options: Mapping[str, 
                    batch_size: int = 2) -> None:
     """Check a backbone factory in each of ``spatial_dims``.
 
-    The rules: the factory takes ``spatial_dims`` and ``in_channels``; the module has
-    the members of :class:`medtl.protocols.Backbone`; ``stages`` is a non-empty list
-    of names whose ``stage_modules`` are submodules of the backbone; a batch of
-    ``image_size``-sided images gives a finite ``(B, out_channels, *spatial)`` feature
-    map with as many spatial axes as the input; and, in the first of
-    ``spatial_dims``, gradients reach the parameters of the first stage.
+    The rules:
+
+    * the factory takes ``spatial_dims`` and ``in_channels``;
+    * the module has the members of :class:`medtl.protocols.Backbone`;
+    * ``stages`` is a non-empty list of names whose ``stage_modules`` are submodules
+      of the backbone;
+    * a batch of ``image_size``-sided images gives a finite
+      ``(B, out_channels, *spatial)`` feature map with as many spatial axes as the input;
+    * in the first of ``spatial_dims``, gradients reach the parameters of the first stage.
 
     Args:
         backbone: a registered backbone name or a factory.
@@ -171,11 +174,15 @@ def check_pooling(pooling: str | Callable[..., Any], *, options: Mapping[str, An
                   sizes: Sequence[int] = (4, 3), batch_size: int = 2) -> None:
     """Check a pooling factory on feature maps of each dimensionality and size.
 
-    The rules: the factory takes ``in_channels``; the module has the members of
-    :class:`medtl.protocols.Pooling` with a positive int ``out_features``; a feature
-    map ``(B, in_channels, *spatial)`` gives a finite ``(B, out_features)`` output
-    for every spatial size; gradients of the output reach the input, and every
-    trainable parameter of the pooling gets a finite gradient.
+    The rules:
+
+    * the factory takes ``in_channels``;
+    * the module has the members of :class:`medtl.protocols.Pooling`, with a positive
+      int ``out_features``;
+    * a feature map ``(B, in_channels, *spatial)`` gives a finite ``(B, out_features)``
+      output for every spatial size;
+    * gradients of the output reach the input, and every trainable parameter of the
+      pooling gets a finite gradient.
 
     Args:
         pooling: a registered pooling name or a factory.
@@ -210,6 +217,8 @@ def check_pooling(pooling: str | Callable[..., Any], *, options: Mapping[str, An
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise _fail(case, f"output is {shape}; expected ({batch_size}, out_features={out_features})")
             _check_finite(out, case, "the output")
+            if not out.requires_grad:
+                raise _fail(case, "no gradient flows back to the feature map: the output does not require grad")
             # Random output weights, so that gradients of a normalized output do not cancel out.
             weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
             (out.float() * weights).sum().backward()
@@ -230,7 +239,7 @@ def check_pooling(pooling: str | Callable[..., Any], *, options: Mapping[str, An
 
 
 class _TinyBackbone(nn.Module):
-    """A two-stage convolutional backbone, small enough for conformance runs."""
+    """Two-stage convolutional backbone, small enough for conformance runs."""
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, width: int = 8):
         super().__init__()
@@ -280,15 +289,19 @@ def check_strategy(strategy: str | Callable[..., Any], *, options: Mapping[str, 
                    batch_size: int = 6) -> None:
     """Check a strategy factory by training a tiny classifier for a few steps.
 
-    The rules: the strategy has the members of :class:`medtl.protocols.Strategy`;
-    ``setup`` builds ``network``; ``parameter_groups`` lists each trainable parameter
-    of the network at most once; ``train_step`` calls ``net`` exactly once and
-    returns a dict of finite one-element tensors with a ``"loss"`` that has a
-    gradient; an optimizer step changes the network; ``predict`` and
-    ``predict_with_features`` give finite ``(B, num_classes)`` logits and
-    ``(B, feature_dim)`` features; ``epoch_logs`` returns numbers; and the state
-    survives ``torch.save`` and ``torch.load(weights_only=True)`` into a fresh
-    strategy, which then predicts the same logits.
+    The rules:
+
+    * the strategy has the members of :class:`medtl.protocols.Strategy`;
+    * ``setup`` builds ``network``;
+    * ``parameter_groups`` lists parameters of the network, each at most once;
+    * ``train_step`` calls ``net`` exactly once and returns a dict of finite
+      one-element tensors with a ``"loss"`` that has a gradient;
+    * an optimizer step over ``parameter_groups`` changes the network;
+    * ``predict`` and ``predict_with_features`` give finite ``(B, num_classes)``
+      logits and ``(B, feature_dim)`` features;
+    * ``epoch_logs`` returns numbers;
+    * the state survives ``torch.save`` and ``torch.load(weights_only=True)`` into a
+      fresh strategy, which then predicts the same logits.
 
     Target batches, given when ``uses_target`` is true, have no ``"label"`` key.
 
@@ -438,13 +451,17 @@ def check_source(source: str | Callable[..., Any], paths: Sequence[str | Path], 
                  address: Callable[[str], str] = str) -> None:
     """Check a source on readable files and on a missing and a corrupt one.
 
-    The rules: the source has the members of :class:`medtl.protocols.Source`; each of
-    ``paths`` reads as a finite float32 array ``(C, *spatial)`` with ``spatial_dims``
-    spatial axes (and the declared ``channels`` and spatial ``shape``, when given)
-    plus a metadata dict with ``meta_keys`` and a positive ``spacing`` per spatial
-    axis; a missing file and a file of garbage bytes raise
-    :class:`medtl.errors.BadFileError` (not :class:`~medtl.errors.SkippedFile`)
-    whose message names the file.
+    The rules:
+
+    * the source has the members of :class:`medtl.protocols.Source`;
+    * each of ``paths`` reads as a finite float32 array ``(C, *spatial)`` with
+      ``spatial_dims`` spatial axes, and with the declared ``channels`` and spatial
+      ``shape`` when they are given;
+    * the metadata is a dict with ``meta_keys`` and a positive ``spacing`` value per
+      spatial axis;
+    * a missing file and a file of garbage bytes raise
+      :class:`medtl.errors.BadFileError`, not :class:`~medtl.errors.SkippedFile`,
+      with a message that names the file.
 
     Args:
         source: a registered source name or a factory.
