@@ -179,6 +179,15 @@ class PluginHost:
                 f"plugin {self._plugin_name(exc.plugin)!r} implements a hook that medtl does not define: "
                 f"{exc}. Check the hook name against docs/plugins.md."
             ) from exc
+        # Collect the components now, so that a plugin whose registration hook fails
+        # is reported at start-up, like one that fails to import.
+        try:
+            self._registry = self._build_registry()
+        except PluginError:
+            if self.strict:
+                raise
+            # A duplicate component name: the error is raised again when a component
+            # is requested, and `medtl plugins` reports it the same way.
 
     def _plugin_name(self, plugin: object) -> str:
         return self.pm.get_name(plugin) or repr(plugin)

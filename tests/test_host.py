@@ -296,3 +296,21 @@ def test_plugins_command_all_text(current_host, capsys):
     assert "broken  (fake-plugins 1.2)\n    FAILED: RuntimeError: the GPU driver is too old" in out
     assert "medtl_plugins.backbones  (medtl " in out
     assert "    hooks: medtl_register_backbones" in out
+
+
+def test_raising_hook_reported_at_start(tmp_path):
+    (tmp_path / "raising_plugin.py").write_text(textwrap.dedent("""
+        import medtl
+
+        @medtl.hookimpl
+        def medtl_register_backbones():
+            raise ImportError("timm is not installed")
+    """))
+    try:
+        local = PluginHost(entry_points=False, modules=["raising_plugin"], search_path=[tmp_path])
+        assert [f.name for f in local.failures] == ["raising_plugin"]
+        assert "timm is not installed" in local.failures[0].error
+        with pytest.raises(PluginError, match="'raising_plugin'.*timm is not installed"):
+            PluginHost(entry_points=False, modules=["raising_plugin"], search_path=[tmp_path], strict=True)
+    finally:
+        sys.modules.pop("raising_plugin", None)
