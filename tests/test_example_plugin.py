@@ -24,7 +24,7 @@ SAMPLE_MANIFEST = REPO / "sample_data" / "manifest.csv"
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """Install medtl-example into a fresh folder and return an environment with it on PYTHONPATH."""
+    """Install medtl-example into a fresh folder; return its source copy and an environment that imports it."""
     tmp = tmp_path_factory.mktemp("example-plugin")
     # A copy, because pip builds in the source folder and would leave build/ in the repository.
     source = tmp / "source"
@@ -39,7 +39,7 @@ def installed(tmp_path_factory):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     env.pop("MEDTL_BLOCK_PLUGINS", None)
-    return env
+    return {"env": env, "source": source}
 
 
 def _medtl(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -47,8 +47,15 @@ def _medtl(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=600)
 
 
+def test_example_own_tests_pass(installed, tmp_path):
+    tests = installed["source"] / "tests"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+                            env=installed["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_example_listed_by_medtl_plugins(installed, tmp_path):
-    result = _medtl(installed, "plugins", "--json", cwd=tmp_path)
+    result = _medtl(installed["env"], "plugins", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     listed = {info["name"]: info for info in json.loads(result.stdout)}
     example = listed["example"]
@@ -93,7 +100,7 @@ train: {{epochs: 1, batch_size: 8, steps_per_epoch: 2, device: cpu}}
 plugins: {{strict: true}}
 output: {{dir: {tmp_path / "runs"}, name: run}}
 """)
-    result = _medtl(installed, "run", str(study), cwd=tmp_path)
+    result = _medtl(installed["env"], "run", str(study), cwd=tmp_path)
     assert result.returncode == 0, f"medtl run failed:\n{result.stdout}\n{result.stderr}"
     run_dir = tmp_path / "runs" / "run"
     record = json.loads((run_dir / "run.json").read_text())
