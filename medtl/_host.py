@@ -254,6 +254,14 @@ class PluginHost:
         importlib.invalidate_caches()
         try:
             module = importlib.import_module(spec)
+        except ModuleNotFoundError as exc:
+            if exc.name != spec.split(".")[0]:
+                self._record_failure(spec, origin, exc)
+            else:
+                where = ", ".join(added) or "no study folder"
+                self._record_failure(spec, origin, ModuleNotFoundError(
+                    f"no module named {spec!r} in the study file's folder ({where}) or on sys.path"))
+            return
         except Exception as exc:  # noqa: BLE001 - reported with the plugin's name
             self._record_failure(spec, origin, exc)
             return
@@ -299,8 +307,26 @@ class PluginHost:
         except (ValueError, pluggy.PluginValidationError) as exc:
             self._record_failure(name, origin, exc)
             return
+        unknown = self._unknown_hooks(plugin)
+        if unknown:
+            # The per-plugin form of pluggy's check_pending(), so that one plugin with
+            # a misspelt hook is left out instead of stopping every other plugin.
+            self.pm.unregister(name=name)
+            self._record_failure(name, origin, PluginError(
+                f"it implements {', '.join(unknown)}, which medtl does not define; "
+                "check the hook names against docs/plugins.md"))
+            return
         self.origins[name] = origin
         self._registry = None
+
+    def _unknown_hooks(self, plugin: Any) -> list[str]:
+        unknown = []
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            if caller.has_spec():
+                continue
+            if any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls()):
+                unknown.append(caller.name)
+        return sorted(unknown)
 
     def register(self, plugin: Any, name: str | None = None) -> None:
         """Register a plugin object (a module or an instance with hook implementations).

@@ -164,9 +164,16 @@ def test_unknown_hook_rejected_at_load(tmp_path, monkeypatch):
         def medtl_register_pooling():
             return {}
     """))
-    with pytest.raises(PluginError, match="typo_plugin"):
-        PluginHost(entry_points=False, modules=["typo_plugin"], search_path=[tmp_path])
-    sys.modules.pop("typo_plugin", None)
+    try:
+        local = PluginHost(entry_points=False, modules=["typo_plugin"], search_path=[tmp_path])
+        assert [f.name for f in local.failures] == ["typo_plugin"]
+        assert "medtl_register_pooling, which medtl does not define" in local.failures[0].error
+        assert not local.pm.has_plugin("typo_plugin")
+        assert "avg" in local.components("pooling")
+        with pytest.raises(PluginError, match="'typo_plugin'.*medtl_register_pooling"):
+            PluginHost(entry_points=False, modules=["typo_plugin"], search_path=[tmp_path], strict=True)
+    finally:
+        sys.modules.pop("typo_plugin", None)
 
 
 def test_raising_hook_drops_only_that_plugin(host, caplog):
@@ -243,7 +250,7 @@ def test_missing_local_module_reported(tmp_path):
     study = load_study(_write_study(tmp_path, "plugins: {modules: [no_such_plugin_module, gone.py]}\n"))
     local = build_host(study)
     errors = {f.name: f.error for f in local.failures}
-    assert "ModuleNotFoundError" in errors["no_such_plugin_module"]
+    assert "no module named 'no_such_plugin_module' in the study file's folder" in errors["no_such_plugin_module"]
     assert "gone.py not found" in errors["gone"]
     assert "avg" in local.components("pooling")
 
