@@ -96,7 +96,9 @@ def check_backbone(backbone: str | Callable[..., Any], *, options: Mapping[str, 
         in_channels: input channels (default 1).
         image_size: side of the synthetic images (default 32, the smallest input a
             network that downsamples 32 times still maps to a 1-voxel feature map).
-        batch_size: images per batch (default 2; BatchNorm in training mode needs 2).
+        batch_size: images per batch in the first of ``spatial_dims``, where the
+            module runs in training mode (default 2, because BatchNorm in training
+            mode needs 2); the other dimensionalities use one image.
     """
     factory, base_label = _resolve("backbone", backbone)
     for index, dims in enumerate(spatial_dims):
@@ -114,15 +116,17 @@ def check_backbone(backbone: str | Callable[..., Any], *, options: Mapping[str, 
             raise _fail(label, f"out_channels must be a positive int, got {out_channels!r}")
         _check_stages(module, label)
 
-        # Shape in evaluation mode, where no BatchNorm statistics change.
-        x = torch.rand(batch_size, in_channels, *([image_size] * dims))
-        module.eval()
-        with torch.no_grad():
+        # The first dimensionality runs in training mode, for the gradient check. The
+        # others check the shape only, in evaluation mode and on one image, which keeps
+        # 3D networks fast on a CPU.
+        x = torch.rand(batch_size if index == 0 else 1, in_channels, *([image_size] * dims))
+        module.train(index == 0)
+        with torch.set_grad_enabled(index == 0):
             features = module(x)
         if not isinstance(features, torch.Tensor):
             raise _fail(label, f"forward returned {type(features).__name__}; expected the last feature map "
                                "as one tensor")
-        if features.ndim != 2 + dims or features.shape[0] != batch_size:
+        if features.ndim != 2 + dims or features.shape[0] != len(x):
             raise _fail(label, f"forward mapped {tuple(x.shape)} to {tuple(features.shape)}; expected "
                                f"(B, out_channels) followed by {dims} spatial axes")
         if features.shape[1] != out_channels:
@@ -131,7 +135,7 @@ def check_backbone(backbone: str | Callable[..., Any], *, options: Mapping[str, 
         _check_finite(features, label, "the feature map")
 
         if index == 0:
-            _check_backbone_gradients(module, x, label)
+            _check_backbone_gradients(module, features, label)
 
 
 def _check_stages(module: nn.Module, label: str) -> None:
@@ -149,10 +153,9 @@ def _check_stages(module: nn.Module, label: str) -> None:
                                f"backbone: {', '.join(foreign)}")
 
 
-def _check_backbone_gradients(module: nn.Module, x: torch.Tensor, label: str) -> None:
-    module.train()
+def _check_backbone_gradients(module: nn.Module, features: torch.Tensor, label: str) -> None:
     module.zero_grad(set_to_none=True)
-    module(x).float().pow(2).mean().backward()
+    features.float().pow(2).mean().backward()
     for name, param in module.named_parameters():
         if param.grad is not None and not torch.isfinite(param.grad).all():
             raise _fail(label, f"the gradient of parameter {name} contains NaN or infinite values")
