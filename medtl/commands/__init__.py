@@ -5,4 +5,6 @@ COMMANDS: tuple[str, ...] = (
     "medtl.commands.run",
     "medtl.commands.plugins",
     "medtl.commands.plugin_new",
+    "medtl.commands.convert",
+    "medtl.commands.inspect",
 )
