@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -161,7 +161,11 @@ class OutputConfig(_Section):
 class PluginsConfig(_Section):
     block: list[str] = Field(default_factory=list)
     allow: list[str] | None = None
-    modules: list[str] = Field(default_factory=list, description="local plugin modules to import")
+    modules: list[str] = Field(
+        default_factory=list,
+        description="local plugin modules: dotted names, looked up in the study file's folder first, "
+        "or .py files relative to that folder",
+    )
     strict: bool = False
 
 
@@ -195,6 +199,12 @@ class Study(_Section):
         if value and not any(s.role == "source" for s in value.values()):
             raise ValueError("at least one site needs role: source, because training needs labels")
         return value
+
+    @overload
+    def resolve_path(self, path: str) -> Path: ...
+
+    @overload
+    def resolve_path(self, path: None) -> None: ...
 
     def resolve_path(self, path: str | None) -> Path | None:
         """Resolve a path from the study file against the study file's folder."""

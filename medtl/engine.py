@@ -47,9 +47,12 @@ class RunResult:
 
 
 def build_host(study: Study) -> PluginHost:
-    """Create the plugin host that a study asks for (blocked, allowed and local plugins)."""
-    return PluginHost(block=study.plugins.block, allow=study.plugins.allow,
-                      modules=study.plugins.modules, strict=study.plugins.strict)
+    """Create the plugin host that a study asks for (blocked, allowed and local plugins).
+
+    Local modules in ``plugins.modules`` are looked up in the study file's folder first.
+    """
+    return PluginHost(block=study.plugins.block, allow=study.plugins.allow, modules=study.plugins.modules,
+                      search_path=[study.base_dir], strict=study.plugins.strict)
 
 
 def seed_everything(seed: int) -> None:

@@ -7,6 +7,7 @@ COMMANDS: tuple[str, ...] = (
     "medtl.commands.shift",
     "medtl.commands.compare",
     "medtl.commands.plugins",
+    "medtl.commands.plugin_new",
     "medtl.commands.convert",
     "medtl.commands.inspect",
 )
