@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -58,12 +58,21 @@ class DataConfig(_Section):
     site: str | None = Field(None, description="site name for a manifest without a site column, such as a .npz")
     split: SplitConfig = Field(default_factory=SplitConfig)
     sources: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="options per source name, passed to medtl.create('source', ...)"
+        default_factory=dict,
+        description="options per source name, passed to medtl.create('source', ...). dicom: invert_monochrome1, "
+        "voi, window, series (largest|only), series_number, series_description, geometry (warn|fail), "
+        "spacing_tolerance. nifti: orientation (RAS), volume, nan_policy (fail|zero|min). Each source "
+        "validates its own options; see DicomOptions and NiftiOptions in medtl_plugins",
     )
     intensity: Literal["minmax", "zscore", "none"] = "minmax"
-    cache: bool = True
-    cache_dir: str | None = None
-    on_bad_file: Literal["fail", "skip"] = "fail"
+    cache: bool = Field(True, description="keep decoded, preprocessed images on disk between runs")
+    cache_dir: str | None = Field(
+        None, description="cache folder, relative to the study file; default: the folder 'cache' under output.dir"
+    )
+    on_bad_file: Literal["fail", "skip"] = Field(
+        "fail", description="fail on the first unreadable image, or skip it with one log line and count it "
+        "in metrics.json and the report"
+    )
 
     @model_validator(mode="after")
     def _check_size(self) -> "DataConfig":
@@ -141,7 +150,7 @@ class TrainConfig(_Section):
 class EvaluationConfig(_Section):
     metrics: list[str] = Field(default_factory=lambda: ["auc", "accuracy", "balanced_accuracy"])
     splits: list[str] = Field(default_factory=lambda: ["test"])
-    bootstrap: int = Field(0, ge=0, description="bootstrap resamples for confidence intervals; 0 disables")
+    bootstrap: int = Field(1000, ge=0, description="patient bootstrap resamples for confidence intervals; 0 disables")
 
 
 class OutputConfig(_Section):
@@ -152,7 +161,11 @@ class OutputConfig(_Section):
 class PluginsConfig(_Section):
     block: list[str] = Field(default_factory=list)
     allow: list[str] | None = None
-    modules: list[str] = Field(default_factory=list, description="local plugin modules to import")
+    modules: list[str] = Field(
+        default_factory=list,
+        description="local plugin modules: dotted names, looked up in the study file's folder first, "
+        "or .py files relative to that folder",
+    )
     strict: bool = False
 
 
@@ -172,6 +185,10 @@ class Study(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    trackers: list[str] = Field(
+        default_factory=list,
+        description="experiment trackers to log to, such as tensorboard or mlflow; each needs its extra installed",
+    )
 
     #: folder of the study file; relative paths in it resolve against this folder
     base_dir: str = Field(".", exclude=True)
@@ -182,6 +199,12 @@ class Study(_Section):
         if value and not any(s.role == "source" for s in value.values()):
             raise ValueError("at least one site needs role: source, because training needs labels")
         return value
+
+    @overload
+    def resolve_path(self, path: str) -> Path: ...
+
+    @overload
+    def resolve_path(self, path: None) -> None: ...
 
     def resolve_path(self, path: str | None) -> Path | None:
         """Resolve a path from the study file against the study file's folder."""

@@ -18,11 +18,12 @@ import torch
 from tqdm import tqdm
 
 from medtl._host import PluginHost, set_host
+from medtl.cache import open_cache
 from medtl.config import Study
 from medtl.data import InfiniteLoader, Preprocessor, SkipRecord, load_samples, make_loader, source_name_for
 from medtl.errors import ConfigError, DataError, MedtlError, TrainingError
-from medtl.evaluation import Predictions, predict_items, site_metrics
-from medtl.manifest import Manifest, assign_splits, load_manifest, write_split_csv
+from medtl.evaluation import Predictions, evaluation_from_predictions, predict_items, site_metrics
+from medtl.manifest import Manifest, assign_splits, load_manifest, split_summary, write_split_csv
 from medtl.model import Classifier
 from medtl.run import RunContext, attach_log_file, create_run_dir, versions, write_resolved_config
 from medtl.runio import atomic_save, atomic_write_json, atomic_write_text
@@ -46,9 +47,12 @@ class RunResult:
 
 
 def build_host(study: Study) -> PluginHost:
-    """Create the plugin host that a study asks for (blocked, allowed and local plugins)."""
-    return PluginHost(block=study.plugins.block, allow=study.plugins.allow,
-                      modules=study.plugins.modules, strict=study.plugins.strict)
+    """Create the plugin host that a study asks for (blocked, allowed and local plugins).
+
+    Local modules in ``plugins.modules`` are looked up in the study file's folder first.
+    """
+    return PluginHost(block=study.plugins.block, allow=study.plugins.allow, modules=study.plugins.modules,
+                      search_path=[study.base_dir], strict=study.plugins.strict)
 
 
 def seed_everything(seed: int) -> None:
@@ -164,9 +168,11 @@ class _Study:
         if npz is not None and "npz" in self.sources and not study.data.sources.get("npz"):
             self.sources["npz"] = npz  # reuse the arrays already read for the manifest
         self.preprocessor = Preprocessor(study)
+        self.cache = open_cache(study, self.sources)
 
         def load(rows: list) -> list[dict[str, Any]]:
-            return load_samples(rows, self.manifest, study, self.sources, self.preprocessor, skipped=self.skipped)
+            return load_samples(rows, self.manifest, study, self.sources, self.preprocessor, cache=self.cache,
+                                skipped=self.skipped)
 
         m = self.manifest
         self.train_items = load([r for s in self.source_sites for r in m.select(s, "train") if r.label is not None])
@@ -179,6 +185,8 @@ class _Study:
             raise DataError("no labeled training images in the source sites after splitting")
         logger.info("data: %d train, %d val, %d unlabeled target images; %d skipped",
                     len(self.train_items), len(self.val_items), len(self.target_items), len(self.skipped))
+        if self.cache is not None:
+            logger.info("cache %s: %d hits, %d misses", self.cache.root, self.cache.hits, self.cache.misses)
 
     def make_loaders(self, strategy: Strategy) -> None:
         study = self.study
@@ -343,6 +351,16 @@ class _Study:
                 results[split][site] = site_metrics(preds["label"], preds["probs"], metric_fns)
         return results, all_preds
 
+    def cross_site_evaluation(self, all_preds: list[Predictions]) -> dict[str, Any]:
+        """Per-site metrics with patient-bootstrap intervals, validation threshold and drops."""
+        splits = self.study.evaluation.splits
+        split = "test" if "test" in splits else splits[0]
+        val_preds = predict_items(self.strategy, self.val_loader, self.device, self.autocast)
+        patient_of_row = {r.index: r.patient_id for r in self.manifest.rows}
+        return evaluation_from_predictions(val_preds, [p for p in all_preds if p["split"] == split],
+                                           patient_of_row, self.source_sites, self.study.evaluation.bootstrap,
+                                           self.study.seed)
+
     def write_predictions(self, all_preds: list[Predictions]) -> None:
         patient = {r.index: r.patient_id for r in self.manifest.rows}
         labels = self.manifest.labels
@@ -390,7 +408,8 @@ def run_study(study: Study, host: PluginHost | None = None) -> RunResult:
         logger.info("run folder: %s", run_dir)
         runner = _Study(study, host, ctx)
         runner.load_data()
-        ctx.record.update({"manifest_sha256": runner.manifest.sha256, "labels": runner.manifest.labels,
+        ctx.record.update({"manifest_sha256": runner.manifest.sha256, "split": split_summary(runner.manifest),
+                           "labels": runner.manifest.labels,
                            "preprocessing": runner.preprocessor.describe(),
                            "source_sites": runner.source_sites, "target_sites": runner.target_sites})
         strategy = runner.build()
@@ -408,6 +427,7 @@ def run_study(study: Study, host: PluginHost | None = None) -> RunResult:
             "data": {"counts": runner.manifest.counts(), "manifest_sha256": runner.manifest.sha256},
             "skipped": {"count": len(runner.skipped), "files": [s.__dict__ for s in runner.skipped]},
         }
+        metrics["evaluation"] = runner.cross_site_evaluation(all_preds)
         atomic_write_json(run_dir / "metrics.json", metrics)
         from medtl.report import write_report
 
