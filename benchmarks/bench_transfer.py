@@ -44,6 +44,7 @@ def run_one(data: Path, out_dir: Path, pretrained: bool, pooling: str, seed: int
         f"model.pooling.options={pooling_options}",
         f"optimizer.lr={args.lr}",
         f"train.epochs={args.epochs}",
+        f"schedule.warmup_epochs={args.warmup_epochs}",
         f"train.batch_size={args.batch_size}",
         f"seed={seed}",
         f"output.dir={out_dir}",
@@ -78,6 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="breastmnist.npz")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs per run")
+    parser.add_argument("--warmup-epochs", type=int, default=1,
+                        help="learning-rate warm-up epochs; use 0 with --epochs 1, or the one epoch is all warm-up")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
     parser.add_argument("--image-size", type=int, default=64, help="side in pixels after upsampling from 28")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size")

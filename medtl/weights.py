@@ -58,7 +58,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     in ``"state_dict"`` are unwrapped.
 
     Raises:
-        ConfigError: the file is missing, holds anything but tensors and plain
+        ConfigError: the file is missing, contains anything but tensors and plain
             containers, or is not a dict of tensors.
     """
     path = Path(path)
@@ -157,7 +157,7 @@ def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor
 
 
 def _input_conv_key(own: dict[str, torch.Tensor]) -> str | None:
-    """Return the name of the first convolution weight, the one that sees the input."""
+    """Return the name of the first convolution weight, the one applied to the input."""
     for key, value in own.items():
         if key.endswith("weight") and value.dim() in (4, 5):
             return key

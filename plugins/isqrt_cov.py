@@ -19,10 +19,11 @@ iteration with respect to its inputs are
 * ``∂Y = G_Y·T + T·G_Y − 1.5·G_Y − ½·Z·G_Z·Z``,
 * ``∂Z = G_Z·T + T·G_Z − 1.5·G_Z − ½·Y·G_Y·Y``,
 
-which is the paper's backward rewritten with ``Z·Y = 3I − 2T``. Only the symmetric
-part of the incoming gradient reaches ``X``, because ``Σ`` is symmetric, so the
-incoming gradient is symmetrized once. Then every gradient above stays symmetric, and
-``G·T + T·G`` costs one matrix product, as the sum of a product and its transpose.
+by the chain rule through ``Y·T``, ``T·Z`` and ``T``, using ``Z·Y = 3I − 2T``. Each of
+these maps commutes with transposition, and the backward pass of the covariance keeps
+only the symmetric part of its gradient. So the incoming gradient is symmetrized once,
+every gradient above then stays symmetric, and ``G·T + T·G`` costs one matrix product,
+as the sum of a product and its transpose.
 
 Matrix products (``d×d`` by ``d×d``) per pass, for N iterations (N ≥ 2):
 
@@ -194,7 +195,8 @@ def sqrtm_newton_schulz(sigma: torch.Tensor, iterations: int = 5) -> torch.Tenso
 
     The backward pass is the closed form in the module docstring. Its gradient is
     exact for the N-step polynomial that the forward pass computes, which approaches
-    the true square root as N grows.
+    the true square root as N grows. It is the symmetric part of the gradient, which
+    is all that reaches the input when ``sigma`` is a covariance.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")

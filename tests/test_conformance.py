@@ -23,7 +23,10 @@ from medtl.testing import (ConformanceError, _TinyBackbone, _TinyPooling, check_
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
 
 #: Options for components that cannot be built with their defaults alone.
-BACKBONE_OPTIONS: dict[str, dict[str, Any]] = {}
+BACKBONE_OPTIONS: dict[str, dict[str, Any]] = {
+    # ImageNet weights exist for 2D only, and they need the imagenet extra.
+    "efficientnet-lite0": {"pretrained": False},
+}
 POOLING_OPTIONS: dict[str, dict[str, Any]] = {}
 STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {}
 
