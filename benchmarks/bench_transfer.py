@@ -66,7 +66,7 @@ def summarize(rows: list[dict]) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["init"], row["pooling"]), []).append(row)
-    for (init, pooling), group in groups.items():
+    for (init, pooling), group in sorted(groups.items()):
         aucs = [r["auc"] for r in group]
         sd = statistics.stdev(aucs) if len(aucs) > 1 else float("nan")
         walls = [r["wall_s"] for r in group]
@@ -98,9 +98,10 @@ def main() -> None:
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="medtl-bench-transfer-"))
     rows = []
     total_start = time.perf_counter()
-    for init in args.inits:
-        for pooling in args.poolings:
-            for seed in args.seeds:
+    # seeds outermost, so that an interrupted benchmark has compared every setting
+    for seed in args.seeds:
+        for init in args.inits:
+            for pooling in args.poolings:
                 row = run_one(args.data, out_dir, init == "imagenet", pooling, seed, args)
                 print(f"{row['init']:8s} {row['pooling']:10s} seed {seed}: AUC {row['auc']:.3f}, "
                       f"{row['wall_s']:.0f} s", flush=True)
