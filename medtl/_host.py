@@ -40,6 +40,10 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "medtl_plugins.backbones",
     "medtl_plugins.poolings",
     "medtl_plugins.finetune",
+    "medtl_plugins.dann",
+    "medtl_plugins.alignment",
+    "medtl_plugins.contrastive",
+    "medtl_plugins.validators",
     "medtl_plugins.metrics",
 )
 
