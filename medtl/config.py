@@ -165,7 +165,8 @@ class StageConfig(_Section):
     """One stage of a chained study: sections that replace or extend the study's own.
 
     Each section given here is merged key by key into the study's section of the
-    same name, so a stage states only what differs (usually the strategy).
+    same name, so a stage states only what differs (usually the strategy). A stage
+    that names another strategy replaces the whole strategy section, options included.
     """
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="stage name, used as its run folder")

@@ -247,7 +247,10 @@ class _Study:
                        leave=False, disable=None, unit="step")
             for step in bar:
                 source = self._to_device(source_iter.next())
-                target = self._to_device(target_iter.next()) if target_iter is not None else None
+                target = None
+                if target_iter is not None:
+                    # Target-site labels never reach a strategy.
+                    target = self._to_device({k: v for k, v in target_iter.next().items() if k != "label"})
                 progress = ((epoch - 1) * self.steps_per_epoch + step) / max(1, total)
                 with self.autocast() if self.autocast is not None else nullcontext():
                     losses = strategy.train_step(strategy.network, source, target, progress)

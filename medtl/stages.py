@@ -76,7 +76,12 @@ def stage_studies(study: Study, seed: int, root: Path) -> list[tuple[str, str, d
         plan.append(("run", "study", base))
     for stage in stages:
         sections = stage.model_dump(exclude={"name", "init"}, exclude_none=True)
-        plan.append((stage.name, stage.init, _merge(base, sections)))
+        merged = _merge(base, sections)
+        strategy = sections.get("strategy", {})
+        if strategy.get("name", base["strategy"]["name"]) != base["strategy"]["name"]:
+            # Another strategy takes none of the study strategy's options.
+            merged["strategy"] = copy.deepcopy(strategy)
+        plan.append((stage.name, stage.init, merged))
 
     result = []
     for name, init, raw in plan:
