@@ -3,8 +3,8 @@
 With ``train.select: NAME``, the engine scores every epoch's model with the
 validator plugin NAME on the target sites' validation images, labels ignored,
 and keeps the best-scoring checkpoint as ``best.pt``. The target labels of the
-same images are read only afterwards, to report which epoch an oracle with
-target labels would have chosen; they never influence training or selection.
+same images serve only to report which epoch an oracle with target labels would
+have chosen. They never influence training or selection.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SelectionOutputs:
-    """What a validator sees of one checkpoint: predictions and pooled features.
+    """The predictions and pooled features of one checkpoint that a validator scores.
 
     ``target_*`` come from unlabeled target-site images and ``source_*`` from the
     labeled source validation images.

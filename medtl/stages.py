@@ -127,7 +127,12 @@ def run_series(study: Study, host: Any = None) -> SeriesResult:
         previous: str | None = None
         for name, init, raw in plans[seed]:
             raw = copy.deepcopy(raw)
-            source = previous if init == "previous" else (None if init == "study" else init)
+            if init == "previous":
+                source = previous
+            elif init == "study":
+                source = None
+            else:
+                source = init
             if source is not None:
                 raw["model"]["backbone"]["weights"] = str(backbones[source].resolve())
             stage_study = study_from_dict(raw, base_dir=study.base_dir, source=f"stage {name!r}")
@@ -148,6 +153,8 @@ def run_series(study: Study, host: Any = None) -> SeriesResult:
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
     n = len(values)
+    if n == 0:
+        return {"mean": None, "std": None, "n": 0, "values": []}
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
     return {"mean": mean, "std": std, "n": n, "values": values}
@@ -162,9 +169,10 @@ def summarize(metrics: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     Returns:
         ``{"stages": {stage: {split: {site: {metric: {mean, std, n, values}}}}}}``.
         A metric that is undefined in some seed (AUC with one class) is averaged over
-        the seeds where it is defined, and ``n`` says how many those are.
+        the seeds where it is defined, and ``n`` is the number of those seeds.
     """
-    out: dict[str, Any] = {"stages": {}}
+    # summary.json is written with sorted keys, so the run order is kept apart.
+    out: dict[str, Any] = {"stages": {}, "stage_order": list(metrics)}
     for stage, per_seed in metrics.items():
         stage_out: dict[str, Any] = {}
         for seed_metrics in per_seed.values():
@@ -189,7 +197,7 @@ def summarize(metrics: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
                 "validator": selection[0]["validator"],
                 "target_val_auc_at": {
                     choice: _mean_std([s["target_val_auc_at"][choice] for s in selection
-                                       if s["target_val_auc_at"][choice] is not None] or [math.nan])
+                                       if s["target_val_auc_at"][choice] is not None])
                     for choice in ("validator", "oracle", "source_val")
                 },
             }
@@ -200,12 +208,13 @@ def summarize(metrics: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
 def format_summary(summary: dict[str, Any]) -> str:
     """Format the test AUC and accuracy per stage and site as mean ± std over seeds."""
     lines = []
-    for stage, per_split in summary["stages"].items():
+    for stage in summary.get("stage_order", list(summary["stages"])):
+        per_split = summary["stages"][stage]
         for site, per_metric in (per_split.get("test") or {}).items():
             cells = []
             for metric in SUMMARY_METRICS:
                 stats = per_metric.get(metric)
-                if stats is None:
+                if stats is None or stats["mean"] is None:
                     cells.append(f"{metric} n/a")
                 elif stats["std"] is None:
                     cells.append(f"{metric} {stats['mean']:.4f}")

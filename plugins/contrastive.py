@@ -143,8 +143,8 @@ class Contrastive(Strategy):
         supcon_weight: weight of the supervised contrastive loss over labeled
             source images (default 1).
         simclr_weight: weight of the NT-Xent loss over all images of a step, target
-            images included (default 1). With a positive weight the strategy asks
-            the engine for target batches.
+            images included (default 1). With a positive weight the strategy requests
+            target batches from the engine.
         temperature: temperature of the supervised contrastive loss (default 0.1).
         simclr_temperature: temperature of NT-Xent (default 0.5).
         projection_dim: output size of the projection head (default 128).

@@ -84,13 +84,15 @@ def test_gradual_unfreezing_releases_stages_from_output_end():
     frozen = lambda m: not any(p.requires_grad for p in m.parameters())  # noqa: E731
 
     strategy.on_epoch_start(1)
-    assert frozen(model.backbone.stem) and frozen(model.backbone.block)
+    assert frozen(model.backbone.stem)
+    assert frozen(model.backbone.block)
     stem_before = snapshot(model.backbone.stem)
     train_steps(strategy, optimizer, steps=2)
     assert not changed(stem_before, snapshot(model.backbone.stem))
 
     strategy.on_epoch_start(2)
-    assert frozen(model.backbone.stem) and trainable(model.backbone.block)
+    assert frozen(model.backbone.stem)
+    assert trainable(model.backbone.block)
     block_before = snapshot(model.backbone.block)
     train_steps(strategy, optimizer, steps=2)
     assert changed(block_before, snapshot(model.backbone.block))

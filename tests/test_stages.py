@@ -90,7 +90,7 @@ def test_pretrain_then_adapt_over_two_seeds(tmp_path):
         best = torch.load(pretrain / "checkpoints" / "best.pt", weights_only=True)["model"]
         assert torch.equal(exported["stem.0.weight"], best["backbone.stem.0.weight"])
     summary = json.loads((root / "summary.json").read_text())
-    assert set(summary["stages"]) == {"pretrain", "adapt"}
+    assert summary["stage_order"] == ["pretrain", "adapt"]
     auc = summary["stages"]["adapt"]["test"]["B"]["auc"]
     assert auc["n"] == 2
     assert auc["mean"] == pytest.approx(sum(auc["values"]) / 2)
