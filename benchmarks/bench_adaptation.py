@@ -20,6 +20,9 @@ Methods, each a study file run for every seed through ``medtl run``'s series pat
   upper reference that adaptation tries to reach.
 - ``all_labels_oracle``: ``finetune`` on the labeled training images of both sites,
   a second upper reference with twice the labeled data.
+- ``dann_snd``, ``dann_dev``: ``dann`` whose checkpoint is chosen by the label-free
+  ``snd`` or ``dev`` validator on the target validation images, reported next to
+  the epochs that an oracle with target labels and source validation would choose.
 
 The report gives the target-site test AUC (mean and sample standard deviation over
 seeds) and the fraction of the source-to-oracle gap that each method closes,
@@ -49,7 +52,8 @@ import numpy as np
 import yaml
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "breastmnist" / "breastmnist.npz"
-METHODS = ("source_only", "dann", "coral", "contrastive_finetune", "target_oracle", "all_labels_oracle")
+METHODS = ("source_only", "dann", "coral", "contrastive_finetune", "target_oracle", "all_labels_oracle",
+           "dann_snd", "dann_dev")
 
 
 def acquisition_shift(seed: int = 1234) -> Any:
@@ -136,8 +140,10 @@ def method_study(method: str, manifest: Path, args: argparse.Namespace) -> dict[
     elif method == "all_labels_oracle":
         study["sites"] = {"source": {"role": "source"}, "target": {"role": "source"}}
         study["strategy"] = {"name": "finetune", "options": {"label_smoothing": 0.1}}
-    elif method == "dann":
+    elif method in ("dann", "dann_snd", "dann_dev"):
         study["strategy"] = {"name": "dann", "options": {"discriminator_width": 256, "label_smoothing": 0.1}}
+        if method != "dann":
+            study["train"]["select"] = method.split("_")[1]
     elif method == "coral":
         study["strategy"] = {"name": "coral", "options": {"weight": args.coral_weight, "label_smoothing": 0.1}}
     elif method == "contrastive_finetune":
@@ -200,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         auc = target_auc(series.summary)
         results[method] = {"target_auc": auc, "seconds": time.perf_counter() - start, "study": str(path),
                            "summary": str(series.root / "summary.json"), "argv": sys.argv[1:]}
+        last = series.summary["stages"][series.summary["stage_order"][-1]]
+        if "selection" in last:
+            results[method]["selection"] = last["selection"]
         results_path.write_text(json.dumps(results, indent=2))
         print(f"{method:<22} target AUC {auc['mean']:.4f} ± {auc['std'] or 0:.4f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -226,6 +235,21 @@ def format_table(results: dict[str, Any]) -> str:
                 gap = f"{(auc['mean'] - mean['source_only']) / (mean[oracle] - mean['source_only']):.0%}"
             gaps.append(gap)
         lines.append(f"| {method} | {auc['mean']:.3f} ± {std} | {auc['n']} | " + " | ".join(gaps) + " |")
+    for method, result in results.items():
+        if "selection" not in result:
+            continue
+        at = result["selection"]["target_val_auc_at"]
+        lines.append("")
+        lines.append(f"{method}: target validation AUC of the checkpoint chosen by each rule (mean ± std)")
+        lines.append("")
+        lines.append("| chosen by | target validation AUC |")
+        lines.append("|---|---|")
+        choices = (("validator", result["selection"]["validator"] + " (no labels)"),
+                   ("source_val", "source validation AUC"), ("oracle", "oracle (target labels)"))
+        for choice, label in choices:
+            stats = at[choice]
+            std = "n/a" if stats["std"] is None else f"{stats['std']:.3f}"
+            lines.append(f"| {label} | {stats['mean']:.3f} ± {std} |")
     return "\n".join(lines)
 
 
