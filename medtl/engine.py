@@ -18,11 +18,12 @@ import torch
 from tqdm import tqdm
 
 from medtl._host import PluginHost, set_host
+from medtl.cache import open_cache
 from medtl.config import Study
 from medtl.data import InfiniteLoader, Preprocessor, SkipRecord, load_samples, make_loader, source_name_for
 from medtl.errors import ConfigError, DataError, MedtlError, TrainingError
 from medtl.evaluation import Predictions, predict_items, site_metrics
-from medtl.manifest import Manifest, assign_splits, load_manifest, write_split_csv
+from medtl.manifest import Manifest, assign_splits, load_manifest, split_summary, write_split_csv
 from medtl.model import Classifier
 from medtl.run import RunContext, attach_log_file, create_run_dir, versions, write_resolved_config
 from medtl.runio import atomic_save, atomic_write_json, atomic_write_text
@@ -165,9 +166,11 @@ class _Study:
         if npz is not None and "npz" in self.sources and not study.data.sources.get("npz"):
             self.sources["npz"] = npz  # reuse the arrays already read for the manifest
         self.preprocessor = Preprocessor(study)
+        self.cache = open_cache(study, self.sources)
 
         def load(rows: list) -> list[dict[str, Any]]:
-            return load_samples(rows, self.manifest, study, self.sources, self.preprocessor, skipped=self.skipped)
+            return load_samples(rows, self.manifest, study, self.sources, self.preprocessor, cache=self.cache,
+                                skipped=self.skipped)
 
         m = self.manifest
         self.train_items = load([r for s in self.source_sites for r in m.select(s, "train") if r.label is not None])
@@ -182,6 +185,8 @@ class _Study:
             raise DataError("no labeled training images in the source sites after splitting")
         logger.info("data: %d train, %d val, %d unlabeled target images; %d skipped",
                     len(self.train_items), len(self.val_items), len(self.target_items), len(self.skipped))
+        if self.cache is not None:
+            logger.info("cache %s: %d hits, %d misses", self.cache.root, self.cache.hits, self.cache.misses)
 
     def make_loaders(self, strategy: Strategy) -> None:
         study = self.study
@@ -404,7 +409,8 @@ def run_study(study: Study, host: PluginHost | None = None) -> RunResult:
         logger.info("run folder: %s", run_dir)
         runner = _Study(study, host, ctx)
         runner.load_data()
-        ctx.record.update({"manifest_sha256": runner.manifest.sha256, "labels": runner.manifest.labels,
+        ctx.record.update({"manifest_sha256": runner.manifest.sha256, "split": split_summary(runner.manifest),
+                           "labels": runner.manifest.labels,
                            "preprocessing": runner.preprocessor.describe(),
                            "source_sites": runner.source_sites, "target_sites": runner.target_sites})
         strategy = runner.build()
