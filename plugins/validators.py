@@ -42,6 +42,10 @@ class SoftNeighborhoodDensity:
     A good adapted model clusters target samples densely, so the similarity
     distribution of a sample over the others is spread out and its entropy is high.
 
+    NOTE: a collapsed model that predicts the same class for every image also gets
+    the maximum score, ``log(n - 1)``. On the BreastMNIST benchmark, with about 73%
+    of one class, snd chose such early epochs of DANN in every seed.
+
     Args:
         temperature: softmax temperature over cosine similarities (default 0.05, the
             paper's value).
