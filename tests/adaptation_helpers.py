@@ -41,6 +41,12 @@ class TinyBackbonePlugin:
         return {"tiny": TinyConvNet}
 
 
+@medtl.hookimpl
+def medtl_register_backbones() -> dict[str, Any]:
+    """Register the tiny backbone when a study lists this module under plugins.modules."""
+    return {"tiny": TinyConvNet}
+
+
 @contextlib.contextmanager
 def single_thread():
     """Run torch on one CPU thread; tiny models run many times faster without thread contention."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import yaml
+
 import pytest
 import torch
 
+from medtl.cli import main
 from medtl.config import study_from_dict
 from medtl.errors import ConfigError
 from medtl.stages import format_summary, is_series, run_series, stage_studies, summarize
@@ -102,3 +105,18 @@ def test_existing_series_folder_rejected(tmp_path):
     (tmp_path / "runs" / "fixed").mkdir(parents=True)
     with pytest.raises(ConfigError, match="exists already"):
         run_series(study_from_dict(raw, base_dir=tmp_path), make_host())
+
+
+def test_cli_runs_seeds_and_prints_summary(tmp_path, capsys):
+    raw = base_study(tmp_path, name="cli", seeds=[3, 4], train={"epochs": 1, "batch_size": 8, "device": "cpu"},
+                     plugins={"modules": ["adaptation_helpers"]},
+                     output={"dir": str(tmp_path / "runs"), "name": "cli-series"})
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "(n=2)" in printed
+    assert f"series folder: {tmp_path / 'runs' / 'cli-series'}" in printed
+    summary = json.loads((tmp_path / "runs" / "cli-series" / "summary.json").read_text())
+    assert summary["stage_order"] == ["run"]
+    assert set(summary["runs"]) == {"3", "4"}
