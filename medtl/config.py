@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -155,7 +155,7 @@ class TrainConfig(_Section):
 class EvaluationConfig(_Section):
     metrics: list[str] = Field(default_factory=lambda: ["auc", "accuracy", "balanced_accuracy"])
     splits: list[str] = Field(default_factory=lambda: ["test"])
-    bootstrap: int = Field(0, ge=0, description="bootstrap resamples for confidence intervals; 0 disables")
+    bootstrap: int = Field(1000, ge=0, description="patient bootstrap resamples for confidence intervals; 0 disables")
 
 
 class OutputConfig(_Section):
@@ -166,7 +166,11 @@ class OutputConfig(_Section):
 class PluginsConfig(_Section):
     block: list[str] = Field(default_factory=list)
     allow: list[str] | None = None
-    modules: list[str] = Field(default_factory=list, description="local plugin modules to import")
+    modules: list[str] = Field(
+        default_factory=list,
+        description="local plugin modules: dotted names, looked up in the study file's folder first, "
+        "or .py files relative to that folder",
+    )
     strict: bool = False
 
 
@@ -210,6 +214,10 @@ class Study(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    trackers: list[str] = Field(
+        default_factory=list,
+        description="experiment trackers to log to, such as tensorboard or mlflow; each needs its extra installed",
+    )
     seeds: list[int] | None = Field(
         None, min_length=1, description="run the study once per seed and report the mean and standard deviation"
     )
@@ -240,6 +248,12 @@ class Study(_Section):
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
         return self
+
+    @overload
+    def resolve_path(self, path: str) -> Path: ...
+
+    @overload
+    def resolve_path(self, path: None) -> None: ...
 
     def resolve_path(self, path: str | None) -> Path | None:
         """Resolve a path from the study file against the study file's folder."""

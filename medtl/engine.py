@@ -22,7 +22,7 @@ from medtl.cache import open_cache
 from medtl.config import Study
 from medtl.data import InfiniteLoader, Preprocessor, SkipRecord, load_samples, make_loader, source_name_for
 from medtl.errors import ConfigError, DataError, MedtlError, TrainingError
-from medtl.evaluation import Predictions, predict_items, site_metrics
+from medtl.evaluation import Predictions, evaluation_from_predictions, predict_items, site_metrics
 from medtl.manifest import Manifest, assign_splits, load_manifest, split_summary, write_split_csv
 from medtl.model import Classifier
 from medtl.run import RunContext, attach_log_file, create_run_dir, versions, write_resolved_config
@@ -48,9 +48,12 @@ class RunResult:
 
 
 def build_host(study: Study) -> PluginHost:
-    """Create the plugin host that a study asks for (blocked, allowed and local plugins)."""
-    return PluginHost(block=study.plugins.block, allow=study.plugins.allow,
-                      modules=study.plugins.modules, strict=study.plugins.strict)
+    """Create the plugin host that a study asks for (blocked, allowed and local plugins).
+
+    Local modules in ``plugins.modules`` are looked up in the study file's folder first.
+    """
+    return PluginHost(block=study.plugins.block, allow=study.plugins.allow, modules=study.plugins.modules,
+                      search_path=[study.base_dir], strict=study.plugins.strict)
 
 
 def seed_everything(seed: int) -> None:
@@ -362,6 +365,16 @@ class _Study:
                 results[split][site] = site_metrics(preds["label"], preds["probs"], metric_fns)
         return results, all_preds
 
+    def cross_site_evaluation(self, all_preds: list[Predictions]) -> dict[str, Any]:
+        """Per-site metrics with patient-bootstrap intervals, validation threshold and drops."""
+        splits = self.study.evaluation.splits
+        split = "test" if "test" in splits else splits[0]
+        val_preds = predict_items(self.strategy, self.val_loader, self.device, self.autocast)
+        patient_of_row = {r.index: r.patient_id for r in self.manifest.rows}
+        return evaluation_from_predictions(val_preds, [p for p in all_preds if p["split"] == split],
+                                           patient_of_row, self.source_sites, self.study.evaluation.bootstrap,
+                                           self.study.seed)
+
     def write_predictions(self, all_preds: list[Predictions]) -> None:
         patient = {r.index: r.patient_id for r in self.manifest.rows}
         labels = self.manifest.labels
@@ -430,6 +443,7 @@ def run_study(study: Study, host: PluginHost | None = None) -> RunResult:
             "data": {"counts": runner.manifest.counts(), "manifest_sha256": runner.manifest.sha256},
             "skipped": {"count": len(runner.skipped), "files": [s.__dict__ for s in runner.skipped]},
         }
+        metrics["evaluation"] = runner.cross_site_evaluation(all_preds)
         atomic_write_json(run_dir / "metrics.json", metrics)
         from medtl.report import write_report
 

@@ -113,7 +113,8 @@ def split_decay_groups(module: nn.Module, weight_decay: float, no_decay_norm_bia
     layers (every parameter with fewer than 2 dimensions) get no weight decay, as in
     "Bag of Tricks for Image Classification" (He et al., CVPR 2019).
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, param in module.named_parameters():
         if not param.requires_grad:
             continue
