@@ -144,6 +144,11 @@ class TrainConfig(_Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     select_metric: str = Field("auc", description="validation metric that picks the best checkpoint")
+    select: str | None = Field(
+        None, description="label-free validator (snd, dev, iwv, entropy) that picks the best checkpoint "
+        "from the target sites' validation images instead of select_metric"
+    )
+    select_options: dict[str, Any] = Field(default_factory=dict, description="options of the select validator")
     grad_clip: float | None = Field(None, gt=0)
 
 
@@ -169,6 +174,30 @@ class PluginsConfig(_Section):
     strict: bool = False
 
 
+class StageConfig(_Section):
+    """One stage of a chained study: sections that replace or extend the study's own.
+
+    Each section given here is merged key by key into the study's section of the
+    same name, so a stage states only what differs (usually the strategy). A stage
+    that names another strategy replaces the whole strategy section, options included.
+    """
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="stage name, used as its run folder")
+    init: str = Field(
+        "previous",
+        description="backbone weights to start from: 'previous' (the stage before, or the study's own "
+        "model.backbone.weights for the first stage), 'study' (the study's own weights) or a stage name",
+    )
+    strategy: dict[str, Any] | None = None
+    optimizer: dict[str, Any] | None = None
+    schedule: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+    transforms: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    sites: dict[str, Any] | None = None
+
+
 class Study(_Section):
     """A whole study file."""
 
@@ -189,6 +218,12 @@ class Study(_Section):
         default_factory=list,
         description="experiment trackers to log to, such as tensorboard or mlflow; each needs its extra installed",
     )
+    seeds: list[int] | None = Field(
+        None, min_length=1, description="run the study once per seed and report the mean and standard deviation"
+    )
+    stages: list[StageConfig] = Field(
+        default_factory=list, description="chained stages (for example pretrain, then adapt), run in order"
+    )
 
     #: folder of the study file; relative paths in it resolve against this folder
     base_dir: str = Field(".", exclude=True)
@@ -199,6 +234,20 @@ class Study(_Section):
         if value and not any(s.role == "source" for s in value.values()):
             raise ValueError("at least one site needs role: source, because training needs labels")
         return value
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> "Study":
+        names = [stage.name for stage in self.stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique, got {duplicates} more than once")
+        for i, stage in enumerate(self.stages):
+            if stage.init not in ("previous", "study") and stage.init not in names[:i]:
+                raise ValueError(f"stage {stage.name!r} has init {stage.init!r}, which is not 'previous', "
+                                 f"'study' or an earlier stage ({names[:i]})")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        return self
 
     @overload
     def resolve_path(self, path: str) -> Path: ...

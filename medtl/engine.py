@@ -27,6 +27,7 @@ from medtl.manifest import Manifest, assign_splits, load_manifest, split_summary
 from medtl.model import Classifier
 from medtl.run import RunContext, attach_log_file, create_run_dir, versions, write_resolved_config
 from medtl.runio import atomic_save, atomic_write_json, atomic_write_text
+from medtl.selection import make_selection
 from medtl.strategy import Strategy, StrategyContext
 from medtl.weights import load_backbone_weights
 
@@ -178,6 +179,8 @@ class _Study:
         self.train_items = load([r for s in self.source_sites for r in m.select(s, "train") if r.label is not None])
         self.val_items = load([r for s in self.source_sites for r in m.select(s, "val") if r.label is not None])
         self.target_items = load([r for s in self.target_sites for r in m.select(s, "train")])
+        self.target_val_items = (load([r for s in self.target_sites for r in m.select(s, "val")])
+                                 if study.train.select else [])
         self.eval_items = {
             split: {site: load(m.select(site, split)) for site in sites} for split in study.evaluation.splits
         }
@@ -204,6 +207,7 @@ class _Study:
                                              study.seed + 1, drop_last=True)
         self.val_loader = make_loader(self.val_items, [], t.batch_size, False, 0, study.seed)
         self.steps_per_epoch = t.steps_per_epoch or max(1, len(self.train_loader))
+        self.selection = make_selection(study, self.host, self.target_val_items, self.val_loader, make_loader)
 
     # -- model --------------------------------------------------------------
 
@@ -238,6 +242,7 @@ class _Study:
         target_iter = InfiniteLoader(self.target_loader) if self.target_loader is not None else None
         history: list[dict[str, Any]] = []
         best_score, best_epoch = -math.inf, 0
+        best_val_score, self.best_val_epoch = -math.inf, 0
         select = study.train.select_metric
         metric_fns = self._metric_fns()
 
@@ -250,7 +255,10 @@ class _Study:
                        leave=False, disable=None, unit="step")
             for step in bar:
                 source = self._to_device(source_iter.next())
-                target = self._to_device(target_iter.next()) if target_iter is not None else None
+                target = None
+                if target_iter is not None:
+                    # Target-site labels never reach a strategy.
+                    target = self._to_device({k: v for k, v in target_iter.next().items() if k != "label"})
                 progress = ((epoch - 1) * self.steps_per_epoch + step) / max(1, total)
                 with self.autocast() if self.autocast is not None else nullcontext():
                     losses = strategy.train_step(strategy.network, source, target, progress)
@@ -289,6 +297,12 @@ class _Study:
             entry.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, dict)})
             score = val.get(select)
             score = -val["loss"] if score is None else score
+            if score > best_val_score:
+                best_val_score, self.best_val_epoch = score, epoch
+            if self.selection is not None:
+                # A label-free validator on the target sites picks the checkpoint instead.
+                score = self.selection.score_epoch(epoch, strategy, self.device, self.autocast)
+                entry[f"select_{self.selection.name}"] = score
             improved = score > best_score
             if improved:
                 best_score, best_epoch = score, epoch
@@ -423,6 +437,8 @@ def run_study(study: Study, host: PluginHost | None = None) -> RunResult:
         metrics = {
             **results,
             "best_epoch": runner.best_epoch,
+            **({"selection": runner.selection.summary(runner.best_epoch, runner.best_val_epoch)}
+               if runner.selection is not None else {}),
             "history": history,
             "data": {"counts": runner.manifest.counts(), "manifest_sha256": runner.manifest.sha256},
             "skipped": {"count": len(runner.skipped), "files": [s.__dict__ for s in runner.skipped]},

@@ -263,7 +263,10 @@ def test_trace_logs_hook_calls(monkeypatch, caplog):
         def medtl_run_end(self, run, metrics, status):
             pass
 
-    traced = PluginHost(entry_points=False)
+    # The builtin trackers also implement the run events; block them so that the
+    # traced call reaches only this test's plugin.
+    traced = PluginHost(entry_points=False,
+                        block=["medtl_plugins.mlflow_tracker", "medtl_plugins.tensorboard_tracker"])
     traced.register(Tracker(), name="tracker")
     with caplog.at_level(logging.INFO, logger="medtl.hooks"):
         traced.components("backbone")

@@ -22,8 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from medtl.engine import run_study
+    from medtl.stages import format_summary, is_series, run_series
 
     study = load_study(Path(args.study), args.overrides)
+    if is_series(study):
+        series = run_series(study)
+        print(format_summary(series.summary))
+        print(f"series folder: {series.root}")
+        return 0
     result = run_study(study)
     print(format_site_table(result.metrics))
     print(f"run folder: {result.run_dir}")
