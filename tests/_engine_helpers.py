@@ -44,11 +44,13 @@ class TinyCNN(nn.Module):
         return self.act(self.conv2(self.act(self.conv1(x))))
 
 
-class FineTuneKilledAtStep(FineTune):
-    """FineTune that sends itself SIGKILL before training step ``MEDTL_TEST_KILL_AT_STEP`` (counted from 1).
+class FineTuneSignalledAtStep(FineTune):
+    """FineTune that sends itself a signal at a training step, to test crashes and Ctrl-C.
 
-    Without the environment variable it is plain FineTune, so the same study serves
-    the killed run, its resumed continuation and an uninterrupted reference.
+    ``MEDTL_TEST_SIGNAL_AT_STEP=STEP:NAME`` (``5:SIGKILL``, say) sends signal NAME
+    before step STEP, counted from 1 in this process. Without the variable it is
+    plain FineTune, so one study serves the interrupted run, its continuation and an
+    uninterrupted reference.
     """
 
     def __init__(self, **options: Any):
@@ -57,9 +59,11 @@ class FineTuneKilledAtStep(FineTune):
 
     def train_step(self, net, source, target, progress):
         self._steps += 1
-        kill_at = os.environ.get("MEDTL_TEST_KILL_AT_STEP")
-        if kill_at is not None and self._steps == int(kill_at):
-            os.kill(os.getpid(), signal.SIGKILL)
+        request = os.environ.get("MEDTL_TEST_SIGNAL_AT_STEP")
+        if request:
+            step, name = request.split(":")
+            if self._steps == int(step):
+                os.kill(os.getpid(), getattr(signal, name))
         return super().train_step(net, source, target, progress)
 
 
@@ -70,7 +74,7 @@ def medtl_register_backbones() -> dict[str, Callable[..., Any]]:
 
 @medtl.hookimpl
 def medtl_register_strategies() -> dict[str, Callable[..., Any]]:
-    return {"finetune-killable": FineTuneKilledAtStep}
+    return {"finetune-signalled": FineTuneSignalledAtStep}
 
 
 def write_two_site_study(folder: Path, n_per_site: int = 24, size: int = 12, seed: int = 0) -> Path:

@@ -1,4 +1,4 @@
-"""Resuming after a crash: SIGKILL mid-training, then ``medtl run --resume`` gives the same result."""
+"""Resuming after a crash or Ctrl-C gives the result of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -11,79 +11,120 @@ import pytest
 import torch
 import yaml
 
-from _engine_helpers import PYTHON, subprocess_env, tiny_study, tiny_study_dict, write_two_site_study
-from medtl.checkpoint import load_checkpoint
+from _engine_helpers import PYTHON, subprocess_env, tiny_study_dict, write_two_site_study
+from medtl.checkpoint import load_checkpoint, save_checkpoint
+from medtl.config import study_from_dict
 from medtl.engine import run_study
-from medtl.errors import ConfigError, OutputError
+from medtl.errors import EXIT_INTERRUPTED, ConfigError, OutputError
+from medtl.run import load_run_study
 
 STEPS_PER_EPOCH = 3
 
 
-def _comparable(metrics: dict) -> dict:
-    """Drop the wall-clock fields that differ between any two runs."""
-    out = dict(metrics)
-    out["history"] = [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")}
-                      for h in metrics["history"]]
-    return out
+@pytest.fixture(scope="module")
+def data_manifest(tmp_path_factory) -> Path:
+    return write_two_site_study(tmp_path_factory.mktemp("data"))
 
 
-def _run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "medtl", "-q", "run", *args], cwd=cwd, env={**subprocess_env(), **env},
-                          capture_output=True, text=True, timeout=240)
+@pytest.fixture()
+def one_thread():
+    # The subprocesses run with OMP_NUM_THREADS=1; bit-identical results need the
+    # same thread count in this process.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    manifest = write_two_site_study(tmp_path / "data")
-    raw = tiny_study_dict(manifest, tmp_path / "killed", steps_per_epoch=STEPS_PER_EPOCH)
-    raw["strategy"]["name"] = "finetune-killable"
+def _raw_study(manifest: Path, output_dir: Path) -> dict:
+    raw = tiny_study_dict(manifest, output_dir, steps_per_epoch=STEPS_PER_EPOCH)
+    raw["strategy"]["name"] = "finetune-signalled"
+    return raw
+
+
+@pytest.fixture(scope="module")
+def reference(data_manifest, tmp_path_factory) -> Path:
+    """An uninterrupted run of the study that the resume tests interrupt."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("reference")
+        raw = _raw_study(data_manifest, out)
+        return run_study(study_from_dict(raw, base_dir=data_manifest.parent)).run_dir
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _comparable(run_dir: Path) -> dict:
+    """Return metrics.json without the wall-clock fields that differ between any two runs."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["history"] = [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")}
+                          for h in metrics["history"]]
+    return metrics
+
+
+def _assert_same_run(run_dir: Path, reference: Path) -> None:
+    assert _comparable(run_dir) == _comparable(reference)
+    assert (run_dir / "predictions.csv").read_text() == (reference / "predictions.csv").read_text()
+    model = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    reference_model = load_checkpoint(reference / "checkpoints" / "last.pt")["model"]
+    for key, value in reference_model.items():
+        assert torch.equal(model[key], value), key
+
+
+def test_sigkill_then_resume_matches_uninterrupted(data_manifest, reference, tmp_path, one_thread):
     study_file = tmp_path / "study.yaml"
-    study_file.write_text(yaml.safe_dump(raw))
+    study_file.write_text(yaml.safe_dump(_raw_study(data_manifest, tmp_path / "out")))
 
-    # Killed in epoch 2, step 2: epoch 1's checkpoint is the last complete one.
-    killed = _run_cli([str(study_file)], tmp_path, MEDTL_TEST_KILL_AT_STEP=str(STEPS_PER_EPOCH + 2))
+    # Killed before epoch 2, step 2: epoch 1's checkpoint is the last complete one.
+    env = {**subprocess_env(), "MEDTL_TEST_SIGNAL_AT_STEP": f"{STEPS_PER_EPOCH + 2}:SIGKILL"}
+    killed = subprocess.run([PYTHON, "-m", "medtl", "-q", "run", str(study_file)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=240)
     assert killed.returncode == -9, killed.stderr
-    run_dir = tmp_path / "killed" / "run"
+    run_dir = tmp_path / "out" / "run"
     assert not (run_dir / "metrics.json").exists()
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["train"]["epoch"] == 2
 
     # A temporary file left by an interrupted write must not be picked up.
     (run_dir / "checkpoints" / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
-    resumed = _run_cli(["--resume", str(run_dir)], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
+    run_study(load_run_study(run_dir), resume=run_dir)
+
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed"
     assert len(record["resumed"]) == 1
-
-    raw["output"]["dir"] = str(tmp_path / "reference")
-    study_file.write_text(yaml.safe_dump(raw))
-    reference = _run_cli([str(study_file)], tmp_path)
-    assert reference.returncode == 0, reference.stderr
-    reference_dir = tmp_path / "reference" / "run"
-
-    resumed_metrics = json.loads((run_dir / "metrics.json").read_text())
-    reference_metrics = json.loads((reference_dir / "metrics.json").read_text())
-    assert _comparable(resumed_metrics) == _comparable(reference_metrics)
-    assert (run_dir / "predictions.csv").read_text() == (reference_dir / "predictions.csv").read_text()
-    resumed_model = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
-    reference_model = load_checkpoint(reference_dir / "checkpoints" / "last.pt")["model"]
-    for key, value in reference_model.items():
-        assert torch.equal(resumed_model[key], value), key
+    _assert_same_run(run_dir, reference)
 
 
-def test_checkpoint_loads_weights_only_and_unwrapped(tmp_path):
-    manifest = write_two_site_study(tmp_path / "data", n_per_site=12)
-    result = run_study(tiny_study(manifest, tmp_path / "out", epochs=1, steps_per_epoch=2))
-    state = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
+def test_ctrl_c_saves_mid_epoch_checkpoint(data_manifest, reference, tmp_path, monkeypatch, one_thread, capsys):
+    from medtl.cli import main
+
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump(_raw_study(data_manifest, tmp_path / "out")))
+    monkeypatch.setenv("MEDTL_TEST_SIGNAL_AT_STEP", f"{STEPS_PER_EPOCH + 2}:SIGINT")
+    assert main(["-q", "run", str(study_file)]) == EXIT_INTERRUPTED
+    assert "medtl run --resume" in capsys.readouterr().err
+
+    run_dir = tmp_path / "out" / "run"
+    position = load_checkpoint(run_dir / "checkpoints" / "last.pt")["train"]
+    assert (position["epoch"], position["step"]) == (2, 2)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+
+    monkeypatch.delenv("MEDTL_TEST_SIGNAL_AT_STEP")
+    assert main(["-q", "run", "--resume", str(run_dir)]) == 0
+    _assert_same_run(run_dir, reference)
+
+
+def test_checkpoint_loads_weights_only_and_unwrapped(reference):
+    state = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
     for key in ("model", "strategy", "labels", "optimizer", "scheduler", "rng", "loaders", "train"):
         assert key in state, key
     assert not any(k.startswith("module.") for k in state["model"])
     assert state["labels"] == ["neg", "pos"]
 
 
-def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    manifest = write_two_site_study(tmp_path / "data", n_per_site=12)
-    result = run_study(tiny_study(manifest, tmp_path / "out", epochs=1, steps_per_epoch=2))
-    last = result.run_dir / "checkpoints" / "last.pt"
+def test_disk_full_keeps_previous_checkpoint(reference, tmp_path, monkeypatch):
+    last = tmp_path / "last.pt"
+    last.write_bytes((reference / "checkpoints" / "last.pt").read_bytes())
     before = last.read_bytes()
     checkpoint = load_checkpoint(last)
 
@@ -92,17 +133,14 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", fill_disk)
-    from medtl.checkpoint import save_checkpoint
-
     with pytest.raises(OutputError, match="No space left on device"):
-        save_checkpoint(last, checkpoint, result.run_dir)
+        save_checkpoint(last, checkpoint, tmp_path)
     assert last.read_bytes() == before
-    assert not list(last.parent.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_disk_full_during_training_is_output_error(tmp_path, monkeypatch):
-    manifest = write_two_site_study(tmp_path / "data", n_per_site=12)
-    study = tiny_study(manifest, tmp_path / "out", epochs=2, steps_per_epoch=2)
+def test_disk_full_during_training_is_output_error(data_manifest, tmp_path, monkeypatch):
+    raw = tiny_study_dict(data_manifest, tmp_path / "out", epochs=2, steps_per_epoch=1)
     real_save = torch.save
     calls = {"n": 0}
 
@@ -114,22 +152,25 @@ def test_disk_full_during_training_is_output_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", save_then_fill)
     with pytest.raises(OutputError, match="medtl run --resume"):
-        run_study(study)
+        run_study(study_from_dict(raw, base_dir=data_manifest.parent))
     run_dir = tmp_path / "out" / "run"
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["train"]["epoch"] == 2
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
 
 
-def test_resume_rejects_completed_run(tmp_path):
-    from medtl.run import load_run_study
+def test_output_dir_not_writable(data_manifest, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    raw = tiny_study_dict(data_manifest, blocker / "runs")
+    with pytest.raises(OutputError, match="Set output.dir to a writable folder"):
+        run_study(study_from_dict(raw, base_dir=data_manifest.parent))
 
-    manifest = write_two_site_study(tmp_path / "data", n_per_site=12)
-    result = run_study(tiny_study(manifest, tmp_path / "out", epochs=1, steps_per_epoch=1))
+
+def test_resume_rejects_completed_run(reference):
     with pytest.raises(ConfigError, match="already completed"):
-        load_run_study(result.run_dir)
+        load_run_study(reference)
 
 
 def test_resume_rejects_folder_without_run(tmp_path):
-    from medtl.run import load_run_study
-
     with pytest.raises(ConfigError, match="not a medtl run folder"):
         load_run_study(tmp_path)
