@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.INFO
+    if verbose:
+        level = logging.DEBUG
+    elif quiet:
+        level = logging.WARNING
     if os.environ.get("RANK", "0") != "0" and not verbose:
         # Under torchrun, rank 0 reports progress; the other ranks log only problems.
         level = logging.WARNING

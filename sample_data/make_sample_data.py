@@ -1,6 +1,6 @@
 """Regenerate the two-site sample study in this folder from a seed.
 
-Site A is a set of 2D DICOM radiographs (DX); site B holds the same kind of images
+Site A is a set of 2D DICOM radiographs (DX); site B has the same kind of images
 as NIfTI files, acquired on a "scanner" with another intensity response, more
 noise, lower resolution and a bias field. The finding is a small round opacity
 (a nodule) that appears in every image of a positive patient.
@@ -24,7 +24,7 @@ POSITIVE_FRACTION = 0.5
 
 
 def _anatomy(rng: np.random.Generator) -> np.ndarray:
-    """A smooth background with two darker 'lung fields' and soft texture, in [0, 1]."""
+    """Draw a smooth background with two darker lung fields and soft texture, in [0, 1]."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1)
     image = 0.55 + 0.1 * (yy - 0.5)
     for cx in (0.3, 0.7):
@@ -42,8 +42,8 @@ def _anatomy(rng: np.random.Generator) -> np.ndarray:
 def _nodule(rng: np.random.Generator) -> np.ndarray:
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     cx, cy = rng.uniform(14, SIZE - 14, size=2)
-    radius = rng.uniform(2.0, 3.5)
-    amplitude = rng.uniform(0.10, 0.22)
+    radius = rng.uniform(2.5, 4.0)
+    amplitude = rng.uniform(0.15, 0.30)
     return amplitude * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * radius**2))
 
 
@@ -118,8 +118,8 @@ def _write_dicom(path: Path, pixels: np.ndarray, patient: str, index: int, seed:
 def _write_nifti(path: Path, pixels: np.ndarray) -> None:
     import nibabel as nib
 
-    # NIfTI stores the first array axis along x (columns of the radiograph), so the
-    # image is transposed; the affine records 2.5 mm pixels, a coarser detector.
+    # NIfTI stores the first array axis along x (the radiograph's columns), so the
+    # image is transposed. The affine records 2.5 mm pixels, a coarser detector than site A's.
     affine = np.diag([2.5, 2.5, 2.5, 1.0])
     img = nib.Nifti1Image(pixels.T[:, :, None].astype(np.float32), affine)
     img.header.set_xyzt_units("mm")
