@@ -50,4 +50,6 @@ class DicomSource:
         else:
             array = np.moveaxis(array, -1, 0)
         spacing = tuple(float(s) for s in ds.get("PixelSpacing", [1.0, 1.0]))
+        if not all(np.isfinite(s) and s > 0 for s in spacing):
+            raise BadFileError(path, f"PixelSpacing is {list(spacing)}; spacings must be positive")
         return np.ascontiguousarray(array), {"spacing": spacing, "kind": "dicom"}

@@ -24,7 +24,12 @@ class NiftiSource:
         if not Path(path).is_file():
             raise BadFileError(path, "file not found")
         try:
-            img = nib.as_closest_canonical(nib.load(path))
+            img = nib.load(path)
+            linear = np.asarray(img.affine, dtype=np.float64)[:3, :3]
+            if not np.isfinite(linear).all() or abs(np.linalg.det(linear)) < 1e-12:
+                raise BadFileError(path, "the affine is singular (zero or degenerate voxel axes), so the "
+                                   "image orientation is unknown; fix the header's sform/qform")
+            img = nib.as_closest_canonical(img)
             data = np.asarray(img.get_fdata(dtype=np.float32))
         except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
             raise BadFileError(path, f"not a readable NIfTI file: {exc}") from exc
