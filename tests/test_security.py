@@ -179,3 +179,38 @@ def test_pickle_module_untouched_by_loader(tmp_path, monkeypatch):
     with pytest.raises(ConfigError):
         read_state_dict(path)
     assert calls == []
+
+
+PHI = {"PatientName": "Doe^Janet^Q", "PatientID": "MRN-77341902", "PatientBirthDate": "19610417",
+       "StudyDate": "20240229", "AccessionNumber": "ACC-5550123", "InstitutionName": "Saint Example Hospital"}
+
+
+def test_checkpoints_and_record_hold_no_dicom_values(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from _engine_helpers import tiny_study_dict
+    from medtl.config import study_from_dict
+    from medtl.engine import run_study
+
+    sample = sorted((REPO / "sample_data" / "site_a").glob("*.dcm"))[:16]
+    lines = ["path,label,site,patient_id"]
+    uids = []
+    for i, source in enumerate(sample):
+        ds = pydicom.dcmread(str(source))
+        for keyword, value in PHI.items():
+            setattr(ds, keyword, value)
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        uids += [str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)]
+        ds.save_as(str(tmp_path / f"img{i}.dcm"))
+        lines.append(f"img{i}.dcm,{'ab'[i % 2]},A,P{i // 2}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    raw = tiny_study_dict(manifest, tmp_path / "out", epochs=1, steps_per_epoch=1)
+    raw["sites"] = {"A": {"role": "source"}}
+    run_dir = run_study(study_from_dict(raw, base_dir=tmp_path)).run_dir
+
+    outputs = [*sorted((run_dir / "checkpoints").glob("*.pt")), run_dir / "run.json", run_dir / "config.yaml",
+               run_dir / "metrics.json", run_dir / "history.json"]
+    for path in outputs:
+        data = path.read_bytes()
+        for value in [*PHI.values(), "Doe", *uids]:
+            assert value.encode() not in data, f"{value!r} found in {path.name}"
