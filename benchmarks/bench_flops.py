@@ -8,7 +8,7 @@ network: ResNet-10, average pooling, linear head, 2D, one channel) are counted w
 ``torch.utils.flop_counter.FlopCounterMode``. The step is then timed without the
 counter, and the achieved FLOP/s is the count over the median step time. The
 reference is the FLOP/s of a square float32 matmul (2 n^3 FLOPs), the best case of
-the same machine; the ratio says how far the step is from the hardware's limit.
+the same machine. The ratio shows how far the step is from the hardware's limit.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ class _StopRequest:
 
 @dataclass
 class TrainState:
-    """Where training stands: the epoch in progress and the steps done in it.
+    """Training progress: the epoch in progress and the steps done in it.
 
     After epoch ``e`` ends, ``epoch`` is ``e + 1`` and ``step`` is 0. ``sums`` and
     ``seen`` accumulate the epoch in progress, so a checkpoint taken mid-epoch
