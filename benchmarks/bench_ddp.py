@@ -9,8 +9,8 @@ split across the processes) and the same steps, so they do the same total work.
 The script reports the median training time (the sum of the history's epoch
 ``seconds``) and the median wall time of the whole command. Speed-up is the 1-process
 time over the N-process time. On a CPU-only machine the processes share the same
-cores and gloo sends gradients through memory, so expect no speed-up there; on a
-machine with N GPUs (nccl) the same command measures real scaling.
+cores and gloo sends gradients through memory, so expect no speed-up there. On a
+machine with N GPUs (nccl), the same command measures real scaling.
 """
 
 from __future__ import annotations

@@ -292,7 +292,7 @@ class InfiniteLoader:
 
     Source and target loaders of different lengths are paired this way, without
     either one being re-iterated from the start on every step. Each pass calls the
-    sampler's ``set_epoch`` with the pass number. ``state_dict()`` holds the pass
+    sampler's ``set_epoch`` with the pass number. ``state_dict()`` contains the pass
     number and the batches taken in it, so a resumed loader continues mid-pass.
     """
 

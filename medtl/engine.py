@@ -553,11 +553,15 @@ class _Trainer:
         with runner.autocast() if runner.autocast is not None else nullcontext():
             losses = runner.strategy.train_step(self.net, source, target, progress)
         loss = losses["loss"]
+
+        # Every rank checks, so that all of them stop together instead of one
+        # waiting forever in the gradient all-reduce.
         if dist.any_rank(not bool(torch.isfinite(loss)), runner.device):
             raise TrainingError(
                 f"the loss became non-finite ({loss.item()} on rank {runner.rank}) at epoch {epoch}, step "
                 f"{step + 1}. Lower optimizer.lr, or set train.grad_clip."
             )
+
         optimizer, scaler = self.optimizer, self.scaler
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -573,6 +577,7 @@ class _Trainer:
         else:
             optimizer.step()
         self.scheduler.step()
+
         for key, value in losses.items():
             state.sums[key] = state.sums.get(key, 0.0) + float(value.detach())
         state.seen += len(source["image"]) * runner.world_size
