@@ -63,3 +63,14 @@ def test_run_record_pins_versions_data_split_and_config(manifest, base_run):
     assert record["split"]["counts"]["A"]["train"] > 0
     assert record["config"]["train"]["epochs"] == 2
     assert record["config"]["seed"] == 3
+
+
+def test_bf16_channels_last_losses_finite(manifest, tmp_path):
+    import math
+
+    raw = tiny_study_dict(manifest, tmp_path / "bf16", epochs=1, steps_per_epoch=2, precision="bf16",
+                          channels_last=True, device="cpu")
+    result = run_study(study_from_dict(raw, base_dir=manifest.parent))
+    assert all(math.isfinite(entry["loss"]) for entry in result.metrics["history"])
+    for values in result.metrics["test"].values():
+        assert values["n"] > 0

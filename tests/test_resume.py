@@ -174,3 +174,22 @@ def test_resume_rejects_completed_run(reference):
 def test_resume_rejects_folder_without_run(tmp_path):
     with pytest.raises(ConfigError, match="not a medtl run folder"):
         load_run_study(tmp_path)
+
+
+def test_infinite_loader_resumes_mid_pass():
+    from medtl.data import InfiniteLoader, make_loader
+
+    items = [{"image": torch.full((1, 2, 2), float(i)), "label": i % 2, "row": i, "site": "S"} for i in range(10)]
+
+    def rows(loader: InfiniteLoader, count: int) -> list[list[int]]:
+        return [loader.next()["row"].tolist() for _ in range(count)]
+
+    uninterrupted = InfiniteLoader(make_loader(items, [], 3, True, 0, seed=5, drop_last=True))
+    expected = rows(uninterrupted, 8)  # 3 batches per pass, so this crosses two pass boundaries
+
+    first = InfiniteLoader(make_loader(items, [], 3, True, 0, seed=5, drop_last=True))
+    before = rows(first, 4)
+    resumed = InfiniteLoader(make_loader(items, [], 3, True, 0, seed=5, drop_last=True))
+    resumed.load_state_dict(first.state_dict())
+    assert before + rows(resumed, 4) == expected
+    assert expected[0] != expected[3], "each pass is shuffled anew"
