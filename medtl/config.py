@@ -58,12 +58,21 @@ class DataConfig(_Section):
     site: str | None = Field(None, description="site name for a manifest without a site column, such as a .npz")
     split: SplitConfig = Field(default_factory=SplitConfig)
     sources: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="options per source name, passed to medtl.create('source', ...)"
+        default_factory=dict,
+        description="options per source name, passed to medtl.create('source', ...). dicom: invert_monochrome1, "
+        "voi, window, series (largest|only), series_number, series_description, geometry (warn|fail), "
+        "spacing_tolerance. nifti: orientation (RAS), volume, nan_policy (fail|zero|min). Each source "
+        "validates its own options; see DicomOptions and NiftiOptions in medtl_plugins",
     )
     intensity: Literal["minmax", "zscore", "none"] = "minmax"
-    cache: bool = True
-    cache_dir: str | None = None
-    on_bad_file: Literal["fail", "skip"] = "fail"
+    cache: bool = Field(True, description="keep decoded, preprocessed images on disk between runs")
+    cache_dir: str | None = Field(
+        None, description="cache folder, relative to the study file; default: the folder 'cache' under output.dir"
+    )
+    on_bad_file: Literal["fail", "skip"] = Field(
+        "fail", description="fail on the first unreadable image, or skip it with one log line and count it "
+        "in metrics.json and the report"
+    )
 
     @model_validator(mode="after")
     def _check_size(self) -> "DataConfig":

@@ -28,12 +28,13 @@ from tqdm import tqdm
 
 from medtl import distributed as dist
 from medtl._host import PluginHost, set_host
+from medtl.cache import open_cache
 from medtl.checkpoint import CHECKPOINT_FORMAT, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from medtl.config import Study
 from medtl.data import InfiniteLoader, Preprocessor, SkipRecord, load_samples, make_loader, source_name_for
 from medtl.errors import ConfigError, DataError, MedtlError, OutputError, RunInterrupted, TrainingError
 from medtl.evaluation import Predictions, predict_items, site_metrics
-from medtl.manifest import Manifest, assign_splits, file_sha256, load_manifest, write_split_csv
+from medtl.manifest import Manifest, assign_splits, load_manifest, split_summary, write_split_csv
 from medtl.model import Classifier
 from medtl.run import RunContext, attach_log_file, create_run_dir, versions, write_resolved_config
 from medtl.runio import atomic_write_json, atomic_write_text
@@ -266,9 +267,11 @@ class _Study:
         if npz is not None and "npz" in self.sources and not study.data.sources.get("npz"):
             self.sources["npz"] = npz  # reuse the arrays already read for the manifest
         self.preprocessor = Preprocessor(study)
+        self.cache = open_cache(study, self.sources)
 
         def load(rows: list) -> list[dict[str, Any]]:
-            return load_samples(rows, self.manifest, study, self.sources, self.preprocessor, skipped=self.skipped)
+            return load_samples(rows, self.manifest, study, self.sources, self.preprocessor, cache=self.cache,
+                                skipped=self.skipped)
 
         m = self.manifest
         self.train_items = load([r for s in self.source_sites for r in m.select(s, "train") if r.label is not None])
@@ -281,20 +284,8 @@ class _Study:
             raise DataError("no labeled training images in the source sites after splitting")
         logger.info("data: %d train, %d val, %d unlabeled target images; %d skipped",
                     len(self.train_items), len(self.val_items), len(self.target_items), len(self.skipped))
-
-    def split_summary(self) -> dict[str, Any]:
-        """Describe the split for the run record: counts per site and split, and split.csv's hash.
-
-        Patient IDs stay in split.csv; the record holds only counts and the hash.
-        """
-        summary: dict[str, Any] = {"counts": {site: {split: sum(per_label.values())
-                                                     for split, per_label in per_split.items()}
-                                              for site, per_split in self.manifest.counts().items()}}
-        split_csv = self.ctx.path("split.csv")
-        if split_csv.is_file():
-            summary["file"] = "split.csv"
-            summary["sha256"] = file_sha256(split_csv)
-        return summary
+        if self.cache is not None:
+            logger.info("cache %s: %d hits, %d misses", self.cache.root, self.cache.hits, self.cache.misses)
 
     def make_loaders(self, strategy: Strategy) -> None:
         study = self.study
@@ -722,8 +713,9 @@ def _run(study: Study, host: PluginHost, device: torch.device, resume: Path | No
         if resume is not None and ctx.record.get("manifest_sha256") not in (None, runner.manifest.sha256):
             raise DataError(f"{runner.manifest.path} changed since the run started (its SHA-256 differs from "
                             "run.json's manifest_sha256); a resumed run must read the same data. Start a new run.")
-        ctx.record.update({"manifest_sha256": runner.manifest.sha256, "labels": runner.manifest.labels,
-                           "split": runner.split_summary(), "preprocessing": runner.preprocessor.describe(),
+        ctx.record.update({"manifest_sha256": runner.manifest.sha256, "split": split_summary(runner.manifest),
+                           "labels": runner.manifest.labels,
+                           "preprocessing": runner.preprocessor.describe(),
                            "source_sites": runner.source_sites, "target_sites": runner.target_sites})
         strategy = runner.build()
         runner.make_loaders(strategy)

@@ -20,7 +20,8 @@ from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
 from medtl.errors import DataError
 
-__all__ = ["Manifest", "Row", "load_manifest", "assign_splits", "file_sha256"]
+__all__ = ["Manifest", "Row", "load_manifest", "assign_splits", "file_sha256", "split_csv_text",
+           "write_split_csv", "split_summary", "patients_in_several_splits"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +168,14 @@ def load_manifest(
             problems.append(f"row {line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
         rows.append(Row(i, full, label, site, patient, split, raw.get("source") or None))
 
+    problems.extend(_mixed_split_problems(rows))
     present = {r.label for r in rows if r.label is not None}
     if labels is not None:
         unknown = sorted(present - set(labels))
         if unknown:
-            problems.append(f"labels not in data.labels {labels}: {unknown}")
+            where = [str(r.index + 2) for r in rows if r.label in unknown]
+            shown = ", ".join(where[:10]) + (f" and {len(where) - 10} more" if len(where) > 10 else "")
+            problems.append(f"labels not in data.labels {labels}: {unknown} (rows {shown})")
         label_list = list(labels)
     else:
         label_list = _sort_labels(present)
@@ -184,6 +188,22 @@ def load_manifest(
     if not rows:
         raise DataError(f"{path}: the manifest has no rows")
     return Manifest(rows=rows, path=str(path), sha256=sha, labels=label_list)
+
+
+def _mixed_split_problems(rows: list[Row]) -> list[str]:
+    """Report patients whose images the manifest's own split column puts in several splits."""
+    by_patient: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        if r.split is not None:
+            by_patient.setdefault((r.site, r.patient_id), []).append(r)
+    problems = []
+    for patient_rows in by_patient.values():
+        splits = sorted({r.split for r in patient_rows if r.split})
+        if len(splits) > 1:
+            lines = ", ".join(str(r.index + 2) for r in patient_rows)
+            problems.append(f"rows {lines}: one patient_id has images in the splits {', '.join(splits)}; "
+                            "all images of a patient must be in one split")
+    return problems
 
 
 def _read_csv(path: Path) -> tuple[list[dict[str, str]], set[str]]:
@@ -205,7 +225,13 @@ def assign_splits(manifest: Manifest, val: float, test: float, seed: int) -> Non
     of a patient go to one split. Rows that already carry a split keep it.
     """
     for site in manifest.sites:
-        rows = [r for r in manifest.select(site=site) if r.split is None]
+        site_rows = manifest.select(site=site)
+        # An image without a split joins the split its patient already has.
+        given = {r.patient_id: r.split for r in site_rows if r.split is not None}
+        for r in site_rows:
+            if r.split is None and r.patient_id in given:
+                r.split = given[r.patient_id]
+        rows = [r for r in site_rows if r.split is None]
         if not rows:
             continue
         patients = sorted({r.patient_id for r in rows})
@@ -251,14 +277,47 @@ def _pick_fraction(ids: np.ndarray, y: np.ndarray, fraction: float, seed: int) -
     return ids[held]
 
 
-def write_split_csv(manifest: Manifest, path: Path) -> None:
-    """Write the split each manifest row was given (row index, site, patient, split)."""
-    from medtl.runio import atomic_write_text
-
+def split_csv_text(manifest: Manifest) -> str:
+    """Return the split each manifest row was given, as CSV (row index, site, patient, split)."""
     lines = ["row,site,patient_id,split"]
     for r in manifest.rows:
         lines.append(f"{r.index},{_csv_field(r.site)},{_csv_field(r.patient_id)},{r.split}")
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_split_csv(manifest: Manifest, path: Path) -> None:
+    """Write :func:`split_csv_text` to ``path``."""
+    from medtl.runio import atomic_write_text
+
+    atomic_write_text(path, split_csv_text(manifest))
+
+
+def split_summary(manifest: Manifest) -> dict[str, Any]:
+    """Summarize the split for the run record: the SHA-256 of split.csv and counts per split.
+
+    Two runs with the same ``sha256`` trained and tested on the same rows.
+    """
+    text = split_csv_text(manifest)
+    images: dict[str, int] = {}
+    patients: dict[str, set[str]] = {}
+    for r in manifest.rows:
+        split = r.split or "none"
+        images[split] = images.get(split, 0) + 1
+        patients.setdefault(split, set()).add(f"{r.site}\0{r.patient_id}")
+    return {
+        "file": "split.csv",
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "images": images,
+        "patients": {k: len(v) for k, v in patients.items()},
+    }
+
+
+def patients_in_several_splits(manifest: Manifest) -> dict[str, list[str]]:
+    """Return the patients (per site) whose images fall in more than one split."""
+    seen: dict[tuple[str, str], set[str]] = {}
+    for r in manifest.rows:
+        seen.setdefault((r.site, r.patient_id), set()).add(r.split or "none")
+    return {f"{site}/{patient}": sorted(splits) for (site, patient), splits in seen.items() if len(splits) > 1}
 
 
 def _csv_field(value: str) -> str:

@@ -1,37 +1,172 @@
-"""The ``nifti`` source: NIfTI-1 and NIfTI-2 files read with nibabel."""
+"""The ``nifti`` source: NIfTI-1 and NIfTI-2 files read with nibabel.
+
+nibabel 5 (``Nifti1Header.get_best_affine``) takes the sform when sform_code is not 0,
+else the qform when qform_code is not 0, else a scaling by the voxel sizes. nibabel also
+applies scl_slope and scl_inter, and treats a slope of 0 or NaN as no scaling. The source then reorients the voxels to one canonical orientation
+(RAS by default) so that files from different sites have the same axis order and
+direction.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from medtl.errors import BadFileError
+from medtl.errors import BadFileError, ConfigError
 
-__all__ = ["NiftiSource"]
+__all__ = ["NiftiOptions", "NiftiSource", "reorient"]
+
+logger = logging.getLogger(__name__)
+
+
+class NiftiOptions(BaseModel):
+    """Options of the ``nifti`` source, set under ``data.sources.nifti`` in a study file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    orientation: str | None = Field(
+        "RAS", description="axis codes of the canonical orientation, such as RAS or LPS; null keeps the "
+        "file's voxel order")
+    volume: int | None = Field(
+        None, description="for 4D files, the index of the volume to read (0 is the first); null reads all "
+        "volumes as channels")
+    nan_policy: Literal["fail", "zero", "min"] = Field(
+        "fail", description="what to do with NaN or infinite voxels: fail, replace them with 0, or replace "
+        "them with the minimum finite value")
+
+    @field_validator("orientation")
+    @classmethod
+    def _check_orientation(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        value = value.upper()
+        pairs = [{"L", "R"}, {"A", "P"}, {"S", "I"}]
+        if len(value) != 3 or any(len({c for c in value if c in pair}) != 1 for pair in pairs):
+            raise ValueError(f"expected three axis codes, one of each of L/R, A/P and S/I, got {value!r}")
+        return value
+
+
+def reorient(data: np.ndarray, affine: np.ndarray, codes: str) -> tuple[np.ndarray, np.ndarray]:
+    """Flip and permute the first three axes of ``data`` to the axis codes; return data and affine."""
+    import nibabel.orientations as nio
+
+    current = nio.io_orientation(affine)
+    target = nio.axcodes2ornt(tuple(codes))
+    transform = nio.ornt_transform(current, target)
+    out = nio.apply_orientation(data, transform)
+    new_affine = affine @ nio.inv_ornt_aff(transform, data.shape[:3])
+    return out, new_affine
 
 
 class NiftiSource:
-    """Read a ``.nii`` or ``.nii.gz`` file, reoriented to RAS, as float32 with a channel axis.
+    """Read a ``.nii`` or ``.nii.gz`` file as float32 ``(C, X, Y, Z)`` in the canonical orientation.
 
-    nibabel applies scl_slope and scl_inter and picks the sform or qform affine.
+    A 2D file (or one with a single slice) keeps its third axis of size 1; the
+    preprocessor drops it for a 2D study.
+
+    Args:
+        **options: the fields of :class:`NiftiOptions`.
     """
 
+    cacheable = True
+
+    def __init__(self, **options: Any):
+        try:
+            self.options = NiftiOptions(**options)
+        except ValidationError as exc:
+            problems = [("data.sources.nifti." + ".".join(str(p) for p in err["loc"]), err["msg"])
+                        for err in exc.errors()]
+            raise ConfigError("invalid options for the nifti source", problems) from None
+
+    def describe(self) -> str:
+        """Return the options that change the output, for cache keys."""
+        return "nifti:" + self.options.model_dump_json()
+
     def read(self, path: str) -> tuple[np.ndarray, dict[str, Any]]:
+        """Read one file.
+
+        Raises:
+            BadFileError: for a missing or unreadable file, an unsupported shape, or
+                NaN or infinite voxels under ``nan_policy: fail``.
+        """
         import nibabel as nib
 
         if not Path(path).is_file():
             raise BadFileError(path, "file not found")
         try:
             img = nib.load(path)
+            if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+                raise BadFileError(path, f"not a NIfTI image but {type(img).__name__}")
             linear = np.asarray(img.affine, dtype=np.float64)[:3, :3]
             if not np.isfinite(linear).all() or abs(np.linalg.det(linear)) < 1e-12:
                 raise BadFileError(path, "the affine is singular (zero or degenerate voxel axes), so the "
                                    "image orientation is unknown; fix the header's sform/qform")
-            img = nib.as_closest_canonical(img)
             data = np.asarray(img.get_fdata(dtype=np.float32))
-        except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
-            raise BadFileError(path, f"not a readable NIfTI file: {exc}") from exc
-        spacing = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
-        return np.ascontiguousarray(data[None]), {"spacing": spacing, "affine": img.affine, "kind": "nifti"}
+        except BadFileError:
+            raise
+        except (OSError, EOFError, ValueError, MemoryError, nib.filebasedimages.ImageFileError) as exc:
+            raise BadFileError(path, f"not a readable NIfTI file: {type(exc).__name__}: {exc}") from None
+        affine = np.asarray(img.affine, dtype=np.float64)
+        data = self._select_volumes(data, path)  # (X, Y, Z, C)
+        if self.options.orientation is not None:
+            data, affine = reorient(data, affine, self.options.orientation)
+        data = self._apply_nan_policy(data, path)
+        zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        array = np.ascontiguousarray(np.moveaxis(data, -1, 0), dtype=np.float32)
+        import nibabel.orientations as nio
+
+        meta = {
+            "kind": "nifti",
+            "spacing": tuple(float(z) for z in zooms),
+            "affine": affine,
+            "orientation": "".join(nio.aff2axcodes(affine)),
+            "shape": tuple(array.shape),
+            "form": _affine_source(img),
+        }
+        return array, meta
+
+    def _select_volumes(self, data: np.ndarray, path: str) -> np.ndarray:
+        while data.ndim < 3:
+            data = data[..., None]
+        if data.ndim == 3:
+            return data[..., None]
+        if data.ndim > 4:
+            extra = data.shape[4:]
+            if all(s == 1 for s in extra):
+                data = data.reshape(data.shape[:4])
+            else:
+                raise BadFileError(path, f"image has shape {data.shape}; only 3D and 4D NIfTI files are read")
+        volumes = data.shape[3]
+        index = self.options.volume
+        if index is None:
+            return data
+        if not -volumes <= index < volumes:
+            raise BadFileError(path, f"data.sources.nifti.volume is {index} but the file has {volumes} volumes")
+        return data[..., index : index + 1] if index != -1 else data[..., -1:]
+
+    def _apply_nan_policy(self, data: np.ndarray, path: str) -> np.ndarray:
+        finite = np.isfinite(data)
+        if finite.all():
+            return data
+        bad = int(data.size - finite.sum())
+        policy = self.options.nan_policy
+        if policy == "fail":
+            raise BadFileError(path, f"{bad} voxels are NaN or infinite; set data.sources.nifti.nan_policy "
+                                     "to zero or min to replace them")
+        fill = 0.0 if policy == "zero" or not finite.any() else float(data[finite].min())
+        logger.warning("replaced %d NaN or infinite voxels with %g (nan_policy %s)", bad, fill, policy)
+        return np.where(finite, data, np.float32(fill))
+
+
+def _affine_source(img: Any) -> str:
+    """Name the header field that nibabel took the affine from."""
+    header = img.header
+    if int(header["sform_code"]) > 0:
+        return "sform"
+    if int(header["qform_code"]) > 0:
+        return "qform"
+    return "voxel sizes"

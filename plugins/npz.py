@@ -30,6 +30,9 @@ class NpzSource:
             not 3, meaning colour).
     """
 
+    #: The arrays are already in memory, so an on-disk cache of their rows saves nothing.
+    cacheable = False
+
     def __init__(self, volumetric: bool | None = None):
         self.volumetric = volumetric
         self._arrays: dict[str, dict[str, np.ndarray]] = {}

@@ -60,7 +60,7 @@ def test_run_record_pins_versions_data_split_and_config(manifest, base_run):
     assert record["versions"]["plugins"]["medtl_plugins.finetune"] == "builtin"
     assert record["manifest_sha256"] == file_sha256(manifest)
     assert record["split"]["sha256"] == file_sha256(run_dir / "split.csv")
-    assert record["split"]["counts"]["A"]["train"] > 0
+    assert record["split"]["images"]["train"] > 0
     assert record["config"]["train"]["epochs"] == 2
     assert record["config"]["seed"] == 3
 

@@ -4,4 +4,6 @@
 COMMANDS: tuple[str, ...] = (
     "medtl.commands.run",
     "medtl.commands.plugins",
+    "medtl.commands.convert",
+    "medtl.commands.inspect",
 )
