@@ -529,11 +529,11 @@ class _Trainer:
                 self._step(state, epoch, step)
                 state.step = step + 1
                 bar.set_postfix(loss=f"{state.sums['loss'] / state.step:.4f}")
-                if dist.any_rank(stop.signum is not None) and state.step < steps:
+                if dist.any_rank(stop.signum is not None, runner.device) and state.step < steps:
                     self._stop(state, epoch)
             elapsed = time.perf_counter() - start
             self._end_epoch(state, epoch, elapsed, metric_fns)
-            if dist.any_rank(stop.signum is not None) and state.epoch <= epochs:
+            if dist.any_rank(stop.signum is not None, runner.device) and state.epoch <= epochs:
                 self._stop(state, epoch)
 
     def _step(self, state: TrainState, epoch: int, step: int) -> None:
