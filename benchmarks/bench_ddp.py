@@ -35,7 +35,7 @@ def run_once(study: Path, nproc: int, overrides: list[str]) -> tuple[float, floa
         command = [sys.executable, "-m", "medtl", "-q", "run", str(study), "--set", f"output.dir={out}",
                    "--set", "output.name=run", *sum((["--set", o] for o in overrides), [])]
         if nproc > 1:
-            command[4:4] = ["--nproc", str(nproc)]
+            command[5:5] = ["--nproc", str(nproc)]
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)
         wall = time.perf_counter() - start

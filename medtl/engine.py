@@ -522,7 +522,7 @@ class _Trainer:
             epoch = state.epoch
             runner.strategy.on_epoch_start(epoch)
             runner.strategy.train()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             bar = tqdm(range(state.step, steps), desc=f"epoch {epoch}/{epochs}", leave=False,
                        disable=None if runner.ctx.is_main else True, unit="step")
             for step in bar:
@@ -532,7 +532,7 @@ class _Trainer:
                 if dist.any_rank(stop.signum is not None, runner.device) and state.step < steps:
                     self._stop(state, epoch)
             elapsed = time.perf_counter() - start
-            self._end_epoch(state, epoch, elapsed, metric_fns)
+            self._end_epoch(state, epoch, elapsed, time.process_time() - cpu_start, metric_fns)
             if dist.any_rank(stop.signum is not None, runner.device) and state.epoch <= epochs:
                 self._stop(state, epoch)
 
@@ -573,13 +573,14 @@ class _Trainer:
             state.sums[key] = state.sums.get(key, 0.0) + float(value.detach())
         state.seen += len(source["image"]) * runner.world_size
 
-    def _end_epoch(self, state: TrainState, epoch: int, elapsed: float, metric_fns: dict[str, Any]) -> None:
+    def _end_epoch(self, state: TrainState, epoch: int, elapsed: float, cpu_seconds: float,
+                   metric_fns: dict[str, Any]) -> None:
         runner, study = self.runner, self.runner.study
         steps = runner.steps_per_epoch
         sums = _mean_over_ranks(state.sums, runner.device)
         entry: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
                                  "images_per_s": state.seen / elapsed if elapsed > 0 else 0.0,
-                                 "seconds": elapsed}
+                                 "seconds": elapsed, "cpu_seconds": cpu_seconds}
         entry.update({k: v / steps for k, v in sums.items()})
         entry.update(runner.strategy.epoch_logs())
 

@@ -25,7 +25,7 @@ def _run(manifest: Path, out: Path, **train) -> Path:
 
 def _results(run_dir: Path) -> tuple[dict, str]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics["history"] = [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")}
+    metrics["history"] = [{k: v for k, v in h.items() if k not in ("seconds", "cpu_seconds", "images_per_s")}
                           for h in metrics["history"]]
     return metrics, (run_dir / "predictions.csv").read_text()
 
