@@ -77,8 +77,10 @@ def hand_written_epochs(study) -> list[tuple[float, float]]:
 
     loader = DataLoader(Dataset(items, transform=Compose(augment)), batch_size=study.train.batch_size,
                         shuffle=True, drop_last=True, collate_fn=collate, num_workers=study.train.num_workers)
+    # The stem matches medtl's resnet10 backbone (7x7 convolution with stride 2, then max pooling).
     model = ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[64, 128, 256, 512], spatial_dims=2,
-                   n_input_channels=study.data.channels, num_classes=len(runner.manifest.labels))
+                   n_input_channels=study.data.channels, conv1_t_size=7, conv1_t_stride=2,
+                   num_classes=len(runner.manifest.labels))
     optimizer = torch.optim.AdamW(model.parameters(), lr=study.optimizer.lr,
                                   weight_decay=study.optimizer.weight_decay)
     steps, epochs = study.train.steps_per_epoch, study.train.epochs
