@@ -12,8 +12,9 @@ steps per epoch. medtl's epoch time is the ``seconds`` (wall) and ``cpu_seconds`
 without validation. The hand-written loop is timed the same way over the same
 steps. The first epoch of each run is a warm-up and is left out. The figure is the
 median medtl epoch time over the median hand-written epoch time, for wall and for
-CPU time; the target is at most 1.05. On a machine shared with other work, CPU
-time is the steadier figure, because waiting for a core does not count in it.
+CPU time; the target is at most 1.05. The minimum epoch times are printed too: on a
+machine shared with other work, where a virtual CPU's stolen time can count as
+process CPU time, the fastest epoch of each side is the least disturbed one.
 """
 
 from __future__ import annotations
@@ -140,12 +141,13 @@ def main() -> None:
               "medtl_epoch_s": medtl_times, "hand_written_epoch_s": plain_times}
     print_machine(info)
     for index, clock in enumerate(("wall", "CPU")):
-        medtl_median = median([t[index] for t in medtl_times])
-        plain_median = median([t[index] for t in plain_times])
-        result[f"ratio_{clock.lower()}"] = medtl_median / plain_median
-        print(f"median epoch of {args.steps} steps, batch {study.train.batch_size}, {clock} time: medtl "
-              f"{medtl_median:.2f} s, hand-written {plain_median:.2f} s, ratio {medtl_median / plain_median:.3f} "
-              "(target <= 1.05)")
+        for statistic, reduce in (("median", median), ("minimum", min)):
+            medtl_value = reduce([t[index] for t in medtl_times])
+            plain_value = reduce([t[index] for t in plain_times])
+            result[f"ratio_{clock.lower()}_{statistic}"] = medtl_value / plain_value
+            print(f"{statistic} epoch of {args.steps} steps, batch {study.train.batch_size}, {clock} time: medtl "
+                  f"{medtl_value:.2f} s, hand-written {plain_value:.2f} s, ratio {medtl_value / plain_value:.3f} "
+                  "(target <= 1.05)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

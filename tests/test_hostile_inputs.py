@@ -52,7 +52,7 @@ def test_nifti_zero_affine(tmp_path):
 def test_nifti_header_larger_than_data(tmp_path, suffix):
     path = _nifti(tmp_path / f"full{suffix}", np.ones((16, 16, 4), np.float32))
     raw = gzip.decompress(path.read_bytes()) if suffix == ".nii.gz" else path.read_bytes()
-    cut = raw[: len(raw) - 1000]  # the header still says 16 x 16 x 4 float32 voxels
+    cut = raw[: len(raw) - 1000]  # the header still declares 16 x 16 x 4 float32 voxels
     path.write_bytes(gzip.compress(cut) if suffix == ".nii.gz" else cut)
     with pytest.raises(BadFileError, match=path.name):
         medtl.create("source", "nifti").read(str(path))
