@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -149,6 +149,11 @@ class TrainConfig(_Section):
     )
     channels_last: bool = Field(False, description="store the model and batches in channels-last memory format")
     select_metric: str = Field("auc", description="validation metric that picks the best checkpoint")
+    select: str | None = Field(
+        None, description="label-free validator (snd, dev, iwv, entropy) that picks the best checkpoint "
+        "from the target sites' validation images instead of select_metric"
+    )
+    select_options: dict[str, Any] = Field(default_factory=dict, description="options of the select validator")
     grad_clip: float | None = Field(None, gt=0)
     find_unused_parameters: bool = Field(
         False, description="DistributedDataParallel option for strategies that skip some parameters in a step"
@@ -158,7 +163,7 @@ class TrainConfig(_Section):
 class EvaluationConfig(_Section):
     metrics: list[str] = Field(default_factory=lambda: ["auc", "accuracy", "balanced_accuracy"])
     splits: list[str] = Field(default_factory=lambda: ["test"])
-    bootstrap: int = Field(0, ge=0, description="bootstrap resamples for confidence intervals; 0 disables")
+    bootstrap: int = Field(1000, ge=0, description="patient bootstrap resamples for confidence intervals; 0 disables")
 
 
 class OutputConfig(_Section):
@@ -169,8 +174,36 @@ class OutputConfig(_Section):
 class PluginsConfig(_Section):
     block: list[str] = Field(default_factory=list)
     allow: list[str] | None = None
-    modules: list[str] = Field(default_factory=list, description="local plugin modules to import")
+    modules: list[str] = Field(
+        default_factory=list,
+        description="local plugin modules: dotted names, looked up in the study file's folder first, "
+        "or .py files relative to that folder",
+    )
     strict: bool = False
+
+
+class StageConfig(_Section):
+    """One stage of a chained study: sections that replace or extend the study's own.
+
+    Each section given here is merged key by key into the study's section of the
+    same name, so a stage states only what differs (usually the strategy). A stage
+    that names another strategy replaces the whole strategy section, options included.
+    """
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="stage name, used as its run folder")
+    init: str = Field(
+        "previous",
+        description="backbone weights to start from: 'previous' (the stage before, or the study's own "
+        "model.backbone.weights for the first stage), 'study' (the study's own weights) or a stage name",
+    )
+    strategy: dict[str, Any] | None = None
+    optimizer: dict[str, Any] | None = None
+    schedule: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+    transforms: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    sites: dict[str, Any] | None = None
 
 
 class Study(_Section):
@@ -189,6 +222,16 @@ class Study(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    trackers: list[str] = Field(
+        default_factory=list,
+        description="experiment trackers to log to, such as tensorboard or mlflow; each needs its extra installed",
+    )
+    seeds: list[int] | None = Field(
+        None, min_length=1, description="run the study once per seed and report the mean and standard deviation"
+    )
+    stages: list[StageConfig] = Field(
+        default_factory=list, description="chained stages (for example pretrain, then adapt), run in order"
+    )
 
     #: folder of the study file; relative paths in it resolve against this folder
     base_dir: str = Field(".", exclude=True)
@@ -199,6 +242,26 @@ class Study(_Section):
         if value and not any(s.role == "source" for s in value.values()):
             raise ValueError("at least one site needs role: source, because training needs labels")
         return value
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> "Study":
+        names = [stage.name for stage in self.stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique, got {duplicates} more than once")
+        for i, stage in enumerate(self.stages):
+            if stage.init not in ("previous", "study") and stage.init not in names[:i]:
+                raise ValueError(f"stage {stage.name!r} has init {stage.init!r}, which is not 'previous', "
+                                 f"'study' or an earlier stage ({names[:i]})")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        return self
+
+    @overload
+    def resolve_path(self, path: str) -> Path: ...
+
+    @overload
+    def resolve_path(self, path: None) -> None: ...
 
     def resolve_path(self, path: str | None) -> Path | None:
         """Resolve a path from the study file against the study file's folder."""

@@ -64,6 +64,7 @@ class Preprocessor:
         data = study.data
         self.spatial_dims = data.spatial_dims
         self.channels = data.channels
+        self.image_size = tuple(data.image_size)
         self.resize = Resize(spatial_size=tuple(data.image_size), mode="area" if data.spatial_dims == 2 else "trilinear")
         if data.intensity == "minmax":
             self.intensity: Any = ScaleIntensity(minv=0.0, maxv=1.0)
@@ -74,7 +75,7 @@ class Preprocessor:
 
     def describe(self) -> str:
         """Return a stable description of the chain, used in cache keys and the run record."""
-        return f"spatial_dims={self.spatial_dims};channels={self.channels};resize={tuple(self.resize.spatial_size)};intensity={type(self.intensity).__name__}"
+        return f"spatial_dims={self.spatial_dims};channels={self.channels};resize={self.image_size};intensity={type(self.intensity).__name__}"
 
     def __call__(self, array: np.ndarray, path: str) -> torch.Tensor:
         array = self._fit_dims(array, path)
@@ -324,7 +325,7 @@ class InfiniteLoader:
 
     def _start(self) -> None:
         sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
+        if sampler is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
         if hasattr(sampler, "set_start"):
             sampler.set_start(self.batches * int(self.loader.batch_size or 1))

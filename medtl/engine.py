@@ -33,11 +33,12 @@ from medtl.checkpoint import CHECKPOINT_FORMAT, capture_rng_state, load_checkpoi
 from medtl.config import Study
 from medtl.data import InfiniteLoader, Preprocessor, SkipRecord, load_samples, make_loader, source_name_for
 from medtl.errors import ConfigError, DataError, MedtlError, OutputError, RunInterrupted, TrainingError
-from medtl.evaluation import Predictions, predict_items, site_metrics
+from medtl.evaluation import Predictions, evaluation_from_predictions, predict_items, site_metrics
 from medtl.manifest import Manifest, assign_splits, load_manifest, split_summary, write_split_csv
 from medtl.model import Classifier
 from medtl.run import RunContext, attach_log_file, create_run_dir, versions, write_resolved_config
 from medtl.runio import atomic_write_json, atomic_write_text
+from medtl.selection import make_selection
 from medtl.strategy import Strategy, StrategyContext
 from medtl.weights import load_backbone_weights
 
@@ -58,9 +59,12 @@ class RunResult:
 
 
 def build_host(study: Study) -> PluginHost:
-    """Create the plugin host that a study asks for (blocked, allowed and local plugins)."""
-    return PluginHost(block=study.plugins.block, allow=study.plugins.allow,
-                      modules=study.plugins.modules, strict=study.plugins.strict)
+    """Create the plugin host that a study asks for (blocked, allowed and local plugins).
+
+    Local modules in ``plugins.modules`` are looked up in the study file's folder first.
+    """
+    return PluginHost(block=study.plugins.block, allow=study.plugins.allow, modules=study.plugins.modules,
+                      search_path=[study.base_dir], strict=study.plugins.strict)
 
 
 def seed_everything(seed: int) -> None:
@@ -207,11 +211,16 @@ class TrainState:
     seen: int = 0
     best_score: float = -math.inf
     best_epoch: int = 0
+    best_val_score: float = -math.inf
+    best_val_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "sums": dict(self.sums), "seen": self.seen,
-                "best_score": self.best_score, "best_epoch": self.best_epoch, "history": list(self.history)}
+                "best_score": self.best_score, "best_epoch": self.best_epoch,
+                "best_val_score": self.best_val_score, "best_val_epoch": self.best_val_epoch,
+                "history": list(self.history), "selection": dict(self.selection)}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "TrainState":
@@ -277,6 +286,8 @@ class _Study:
         self.train_items = load([r for s in self.source_sites for r in m.select(s, "train") if r.label is not None])
         self.val_items = load([r for s in self.source_sites for r in m.select(s, "val") if r.label is not None])
         self.target_items = load([r for s in self.target_sites for r in m.select(s, "train")])
+        self.target_val_items = (load([r for s in self.target_sites for r in m.select(s, "val")])
+                                 if study.train.select else [])
         self.eval_items = {
             split: {site: load(m.select(site, split)) for site in sites} for split in study.evaluation.splits
         }
@@ -309,6 +320,10 @@ class _Study:
                                              study.seed + 1, drop_last=True, **shard)
         self.val_loader = self._eval_loader(self.val_items)
         self.steps_per_epoch = t.steps_per_epoch or max(1, len(self.train_loader))
+        # The validator scores whole sets on every rank, so it gets an unsharded source loader.
+        selection_source = self.val_loader if self.world_size == 1 else make_loader(
+            self.val_items, [], self.local_batch, False, 0, study.seed, pin_memory=self.device.type == "cuda")
+        self.selection = make_selection(study, self.host, self.target_val_items, selection_source, make_loader)
 
     def _eval_loader(self, items: list[dict[str, Any]]) -> Any:
         return make_loader(items, [], self.local_batch, False, 0, self.study.seed, rank=self.rank,
@@ -370,6 +385,7 @@ class _Study:
         finally:
             stop.uninstall()
         self.best_epoch = state.best_epoch
+        self.best_val_epoch = state.best_val_epoch
         return state.history
 
     def _restore(self, checkpoint: dict[str, Any], optimizer: Any, scheduler: Any, scaler: Any,
@@ -391,6 +407,9 @@ class _Study:
                            "uninterrupted run", len(rng_states), self.world_size)
             restore_rng_state(rng_states[0])
         state = TrainState.from_state_dict(checkpoint["train"])
+        if self.selection is not None and state.selection:
+            self.selection.scores = dict(state.selection["scores"])
+            self.selection.oracle = dict(state.selection["oracle"])
         logger.info("resuming at epoch %d, step %d of %d", state.epoch, state.step, self.steps_per_epoch)
         return state
 
@@ -463,6 +482,18 @@ class _Study:
                 all_preds.append(preds)
                 results[split][site] = site_metrics(preds["label"], preds["probs"], metric_fns)
         return results, all_preds
+
+    def cross_site_evaluation(self, all_preds: list[Predictions]) -> dict[str, Any]:
+        """Per-site metrics with patient-bootstrap intervals, validation threshold and drops."""
+        splits = self.study.evaluation.splits
+        if not splits:
+            return {}
+        split = "test" if "test" in splits else splits[0]
+        val_preds = self._predict(self.val_loader)
+        patient_of_row = {r.index: r.patient_id for r in self.manifest.rows}
+        return evaluation_from_predictions(val_preds, [p for p in all_preds if p["split"] == split],
+                                           patient_of_row, self.source_sites, self.study.evaluation.bootstrap,
+                                           self.study.seed)
 
     def write_predictions(self, all_preds: list[Predictions]) -> None:
         patient = {r.index: r.patient_id for r in self.manifest.rows}
@@ -539,7 +570,10 @@ class _Trainer:
     def _step(self, state: TrainState, epoch: int, step: int) -> None:
         runner, study = self.runner, self.runner.study
         source = runner.to_device(self.loaders["source"].next())
-        target = runner.to_device(self.loaders["target"].next()) if "target" in self.loaders else None
+        target = None
+        if "target" in self.loaders:
+            # Target-site labels never reach a strategy.
+            target = runner.to_device({k: v for k, v in self.loaders["target"].next().items() if k != "label"})
         progress = ((epoch - 1) * runner.steps_per_epoch + step) / max(1, self.total_steps)
         with runner.autocast() if runner.autocast is not None else nullcontext():
             losses = runner.strategy.train_step(self.net, source, target, progress)
@@ -592,6 +626,13 @@ class _Trainer:
         entry.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, dict)})
         score = val.get(select)
         score = -val["loss"] if score is None else score
+        if score > state.best_val_score:
+            state.best_val_score, state.best_val_epoch = score, epoch
+        if runner.selection is not None:
+            # A label-free validator on the target sites picks the checkpoint instead.
+            score = runner.selection.score_epoch(epoch, runner.strategy, runner.device, runner.autocast)
+            entry[f"select_{runner.selection.name}"] = score
+            state.selection = {"scores": dict(runner.selection.scores), "oracle": dict(runner.selection.oracle)}
         improved = score > state.best_score
         if improved:
             state.best_score, state.best_epoch = score, epoch
@@ -729,10 +770,13 @@ def _run(study: Study, host: PluginHost, device: torch.device, resume: Path | No
         metrics = {
             **results,
             "best_epoch": runner.best_epoch,
+            **({"selection": runner.selection.summary(runner.best_epoch, runner.best_val_epoch)}
+               if runner.selection is not None else {}),
             "history": history,
             "data": {"counts": runner.manifest.counts(), "manifest_sha256": runner.manifest.sha256},
             "skipped": {"count": len(runner.skipped), "files": [s.__dict__ for s in runner.skipped]},
         }
+        metrics["evaluation"] = runner.cross_site_evaluation(all_preds)
         if ctx.is_main:
             runner.write_predictions(all_preds)
             _write_output(run_dir / "metrics.json", lambda p: atomic_write_json(p, metrics))

@@ -182,9 +182,9 @@ def load_manifest(
     if len(label_list) < 2 and rows:
         problems.append(f"need at least 2 classes, found {label_list}")
     if problems:
-        shown = problems[:50]
+        first = problems[:50]
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise DataError(f"{path}: invalid manifest ({len(problems)} problems):\n  " + "\n  ".join(shown) + more)
+        raise DataError(f"{path}: invalid manifest ({len(problems)} problems):\n  " + "\n  ".join(first) + more)
     if not rows:
         raise DataError(f"{path}: the manifest has no rows")
     return Manifest(rows=rows, path=str(path), sha256=sha, labels=label_list)

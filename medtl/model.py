@@ -23,12 +23,13 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.head = nn.Linear(int(pooling.out_features), num_classes)
+        # getattr, because nn.Module's typing says every unknown attribute is a Tensor or Module.
+        self.head = nn.Linear(int(getattr(pooling, "out_features")), num_classes)
         self.num_classes = num_classes
 
     @property
     def feature_dim(self) -> int:
-        return int(self.pooling.out_features)
+        return int(getattr(self.pooling, "out_features"))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Return pooled features ``(B, feature_dim)``."""

@@ -10,7 +10,7 @@ from torch import nn
 
 from medtl.model import Classifier
 
-__all__ = ["Strategy", "StrategyContext", "split_decay_groups"]
+__all__ = ["Strategy", "StrategyContext", "SourceTargetNetwork", "split_decay_groups", "classifier_parameter_groups"]
 
 
 @dataclass
@@ -113,7 +113,8 @@ def split_decay_groups(module: nn.Module, weight_decay: float, no_decay_norm_bia
     layers (every parameter with fewer than 2 dimensions) get no weight decay, as in
     "Bag of Tricks for Image Classification" (He et al., CVPR 2019).
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, param in module.named_parameters():
         if not param.requires_grad:
             continue
@@ -124,3 +125,61 @@ def split_decay_groups(module: nn.Module, weight_decay: float, no_decay_norm_bia
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale})
     return groups
+
+
+def classifier_parameter_groups(model: Classifier, weight_decay: float, no_decay_norm_bias: bool = True,
+                                backbone_lr_scale: float = 1.0, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """Build parameter groups with discriminative learning rates for a :class:`Classifier`.
+
+    The pooling and head train at the base learning rate. The backbone gets
+    ``backbone_lr_scale`` times that. With ``layer_decay`` below 1, each backbone stage
+    is scaled once more by ``layer_decay ** k``, where k counts stages from the output
+    end (the last stage has k = 1), so layers near the input move least. Parameters
+    that belong to no declared stage get the smallest scale.
+    """
+    groups: list[dict[str, Any]] = []
+    backbone = model.backbone
+    stages = list(getattr(backbone, "stages", []))
+    if layer_decay != 1.0 and stages:
+        seen: set[int] = set()
+        for depth, stage in enumerate(reversed(stages), start=1):
+            modules = nn.ModuleList(backbone.stage_modules(stage))
+            scale = backbone_lr_scale * layer_decay**depth
+            groups += split_decay_groups(modules, weight_decay, no_decay_norm_bias, scale)
+            seen.update(id(p) for p in modules.parameters())
+        rest = [p for p in backbone.parameters() if id(p) not in seen]
+        if rest:
+            holder = nn.ParameterList(rest)
+            groups += split_decay_groups(holder, weight_decay, no_decay_norm_bias,
+                                         backbone_lr_scale * layer_decay ** (len(stages) + 1))
+    else:
+        groups += split_decay_groups(backbone, weight_decay, no_decay_norm_bias, backbone_lr_scale)
+    rest_modules = nn.ModuleList([model.pooling, model.head])
+    return groups + split_decay_groups(rest_modules, weight_decay, no_decay_norm_bias)
+
+
+class SourceTargetNetwork(nn.Module):
+    """Run a classifier once over a source batch and an optional target batch.
+
+    The two batches are concatenated, so BatchNorm layers normalize them together and
+    a DistributedDataParallel wrapper sees one forward call per step. Extra modules
+    (a domain discriminator, a projection head) are registered as attributes by
+    subclasses so that they train and checkpoint with the classifier.
+
+    Returns a dict with ``logits`` and ``features`` of the source batch and, when a
+    target batch is given, ``target_logits`` and ``target_features``.
+    """
+
+    def __init__(self, model: Classifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        n = len(source)
+        x = source if target is None else torch.cat([source, target])
+        logits, features = self.model.forward_with_features(x)
+        out = {"logits": logits[:n], "features": features[:n], "all_features": features}
+        if target is not None:
+            out["target_logits"] = logits[n:]
+            out["target_features"] = features[n:]
+        return out

@@ -1,15 +1,21 @@
-"""``medtl plugins``: list loaded plugins, their components and load failures."""
+"""``medtl plugins``: list loaded plugins, their components and hooks, and load failures."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("plugins", help="list plugins, their components and load failures")
-    parser.add_argument("--all", action="store_true", help="include builtin plugins")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser = subparsers.add_parser(
+        "plugins", help="list plugins, their components and load failures",
+        description="List each loaded plugin with its distribution and version, the components it adds "
+                    "by kind, and the hooks it implements. Plugins that failed to load are listed with "
+                    "the error. MEDTL_BLOCK_PLUGINS and MEDTL_TRACE_HOOKS apply here as in a run.",
+    )
+    parser.add_argument("--all", action="store_true", help="include the builtin plugins")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     parser.set_defaults(func=plugins_command)
 
 
@@ -23,12 +29,25 @@ def plugins_command(args: argparse.Namespace) -> int:
         print(json.dumps(infos, indent=2))
         return 0
     if not infos:
-        print("no third-party plugins loaded; use --all to list the builtin ones")
+        print("no third-party plugins loaded; use --all to list the builtin ones too")
     for info in infos:
-        status = "" if info["status"] == "loaded" else f"  FAILED: {info['error']}"
-        print(f"{info['name']}  ({info['origin'] or 'registered'}){status}")
-        for kind, names in info["components"].items():
-            print(f"    {kind}: {', '.join(names)}")
-        if info["hooks"]:
-            print(f"    hooks: {', '.join(info['hooks'])}")
+        print(format_plugin(info))
     return 0
+
+
+def format_plugin(info: dict[str, Any]) -> str:
+    """Format one entry of :meth:`PluginHost.plugin_infos` as indented text."""
+    if info["distribution"]:
+        where = f"{info['distribution']} {info['version'] or '(unknown version)'}"
+        if info["origin"] == "builtin":
+            where += ", builtin"
+    else:
+        where = info["origin"]
+    lines = [f"{info['name']}  ({where})"]
+    if info["status"] != "loaded":
+        lines.append(f"    FAILED: {info['error']}")
+    for kind, names in info["components"].items():
+        lines.append(f"    {kind}: {', '.join(names)}")
+    if info["hooks"]:
+        lines.append(f"    hooks: {', '.join(info['hooks'])}")
+    return "\n".join(lines)

@@ -35,6 +35,7 @@ def run_command(args: argparse.Namespace) -> int:
         return _launch_torchrun(args)
     from medtl.engine import run_study
     from medtl.run import load_run_study
+    from medtl.stages import format_summary, is_series, run_series
 
     if args.resume is not None:
         if args.study is not None or args.overrides:
@@ -43,6 +44,13 @@ def run_command(args: argparse.Namespace) -> int:
         study = load_run_study(Path(args.resume))
     else:
         study = load_study(Path(args.study or DEFAULT_STUDY), args.overrides)
+    if is_series(study):
+        if args.resume is not None:
+            raise ConfigError("--resume continues one run; resume each run folder of a series on its own")
+        series = run_series(study)
+        print(format_summary(series.summary))
+        print(f"series folder: {series.root}")
+        return 0
     result = run_study(study, resume=args.resume)
     if int(os.environ.get("RANK", 0)) == 0:
         print(format_site_table(result.metrics))
