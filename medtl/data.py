@@ -162,8 +162,9 @@ class AugmentedDataset(torch.utils.data.Dataset):
         self.transform = Compose(transforms) if transforms else None
         self.seed = seed
         # Every random transform draws from this one generator, which is reseeded per
-        # sample. Reseeding one generator costs a tenth of a millisecond; giving each
-        # transform a new one per sample (Compose.set_random_state) costs about 1 ms.
+        # sample. Compose.set_random_state would build a new generator for each random
+        # transform instead, which took about 0.9 ms per sample on a 2-core AMD EPYC,
+        # close to the cost of the default augmentation itself.
         self._random_state = np.random.RandomState()
         if self.transform is not None:
             _share_random_state(self.transform, self._random_state)
@@ -282,7 +283,7 @@ def make_loader(items: list[dict[str, Any]], transforms: list, batch_size: int, 
 
 def _ignore_sigint(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group. The training process stops at a step
-    # boundary and shuts the workers down; a worker that died on SIGINT first would
+    # boundary and shuts the workers down. A worker that died on SIGINT first would
     # turn that clean stop into a "worker exited unexpectedly" error.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
