@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from medtl.commands import COMMANDS
-from medtl.errors import EXIT_FAILURE, EXIT_INTERRUPTED, MedtlError
+from medtl.errors import EXIT_FAILURE, EXIT_INTERRUPTED, MedtlError, RunInterrupted
 
 __all__ = ["main", "build_parser"]
 
@@ -27,7 +28,8 @@ EXIT_CODES_HELP = """exit codes:
   3    invalid data: manifest problems, unreadable or missing images
   4    training failed (for example, the loss became NaN)
   5    plugin error: a plugin failed to load in strict mode, or a duplicate or unknown component
-  130  interrupted with Ctrl-C
+  6    an output could not be written (disk full, no permission); earlier checkpoints are intact
+  130  interrupted with Ctrl-C (SIGINT) or SIGTERM; continue with medtl run --resume RUN_DIR
 """
 
 
@@ -55,6 +57,9 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
         level = logging.DEBUG
     elif quiet:
         level = logging.WARNING
+    if os.environ.get("RANK", "0") != "0" and not verbose:
+        # Under torchrun, rank 0 reports progress; the other ranks log only problems.
+        level = logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
     root = logging.getLogger("medtl")
@@ -75,11 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose, args.quiet)
     try:
         return int(args.func(args) or 0)
+    except RunInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     except MedtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; a run that finished an epoch can continue with "
+              "'medtl run --resume RUN_DIR'", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - last resort, so users see one line, not a traceback
         logger.debug("unexpected error", exc_info=True)

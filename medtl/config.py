@@ -138,11 +138,16 @@ class ScheduleConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(
+        32, ge=1, description="global batch size; under torchrun each of N processes takes batch_size / N"
+    )
     steps_per_epoch: int | None = Field(None, ge=1, description="default: one pass over the labeled training set")
-    num_workers: int = Field(0, ge=0)
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per training process")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N; auto takes CUDA when available")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16 autocast runs on CPU and CUDA; fp16 (with a gradient scaler) needs CUDA"
+    )
+    channels_last: bool = Field(False, description="store the model and batches in channels-last memory format")
     select_metric: str = Field("auc", description="validation metric that picks the best checkpoint")
     select: str | None = Field(
         None, description="label-free validator (snd, dev, iwv, entropy) that picks the best checkpoint "
@@ -150,6 +155,9 @@ class TrainConfig(_Section):
     )
     select_options: dict[str, Any] = Field(default_factory=dict, description="options of the select validator")
     grad_clip: float | None = Field(None, gt=0)
+    find_unused_parameters: bool = Field(
+        False, description="DistributedDataParallel option for strategies that skip some parameters in a step"
+    )
 
 
 class EvaluationConfig(_Section):

@@ -9,6 +9,7 @@ __all__ = [
     "EXIT_DATA",
     "EXIT_TRAINING",
     "EXIT_PLUGIN",
+    "EXIT_OUTPUT",
     "EXIT_INTERRUPTED",
     "MedtlError",
     "ConfigError",
@@ -18,6 +19,8 @@ __all__ = [
     "TrainingError",
     "PluginError",
     "UnknownComponentError",
+    "OutputError",
+    "RunInterrupted",
 ]
 
 EXIT_OK = 0
@@ -26,7 +29,8 @@ EXIT_CONFIG = 2  # invalid study file, invalid --set override or invalid command
 EXIT_DATA = 3  # invalid manifest, unreadable image, missing file
 EXIT_TRAINING = 4  # training diverged or failed
 EXIT_PLUGIN = 5  # plugin failed to load in strict mode, duplicate or unknown component
-EXIT_INTERRUPTED = 130  # Ctrl-C; the last checkpoint is resumable
+EXIT_OUTPUT = 6  # an output could not be written (disk full, no permission); the previous checkpoint is intact
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM; the last checkpoint is resumable
 
 
 class MedtlError(Exception):
@@ -87,3 +91,22 @@ class PluginError(MedtlError, RuntimeError):
 
 class UnknownComponentError(PluginError, ValueError):
     """A component name that no plugin registers."""
+
+
+class OutputError(MedtlError, OSError):
+    """An output file (checkpoint, metrics, report) could not be written."""
+
+    exit_code = EXIT_OUTPUT
+
+
+class RunInterrupted(MedtlError):
+    """Training stopped on SIGINT or SIGTERM after saving a resumable checkpoint.
+
+    ``run_dir`` is the run folder to pass to ``medtl run --resume``.
+    """
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, message: str, run_dir: str):
+        self.run_dir = run_dir
+        super().__init__(message)

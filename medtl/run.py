@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -12,9 +13,10 @@ from typing import Any
 import yaml
 
 from medtl.config import Study
+from medtl.errors import ConfigError, OutputError
 from medtl.runio import atomic_write_json, atomic_write_text
 
-__all__ = ["RunContext", "create_run_dir", "versions"]
+__all__ = ["RunContext", "create_run_dir", "load_run_study", "versions"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +60,39 @@ def create_run_dir(study: Study) -> Path:
     try:
         (candidate / "checkpoints").mkdir(parents=True)
     except OSError as exc:
-        from medtl.errors import ConfigError
-
-        raise ConfigError(f"cannot create the run folder {candidate}: {exc.strerror}. "
+        raise OutputError(f"cannot create the run folder {candidate}: {exc.strerror}. "
                           "Set output.dir to a writable folder.") from None
     return candidate
+
+
+def load_run_study(run_dir: str | Path) -> Study:
+    """Read the resolved study of an existing run folder, to resume it.
+
+    The study's ``base_dir`` (the folder that relative paths resolve against) comes
+    from run.json, so a run resumes from any working directory.
+
+    Raises:
+        ConfigError: the folder is not a medtl run folder, or its run has already completed.
+    """
+    from medtl.config import study_from_dict
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    record_path = run_dir / "run.json"
+    if not config_path.is_file() or not record_path.is_file():
+        raise ConfigError(f"{run_dir} is not a medtl run folder (config.yaml or run.json is missing); "
+                          "pass the folder that 'medtl run' printed")
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{run_dir}: cannot read the run's config.yaml or run.json: {exc}") from None
+    if record.get("status") == "completed":
+        raise ConfigError(f"{run_dir}: the run has already completed; there is nothing to resume")
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise ConfigError(f"{run_dir}: no complete checkpoint yet (checkpoints/last.pt is missing), because "
+                          "the run stopped before its first epoch ended. Start the study again instead.")
+    return study_from_dict(raw, base_dir=record.get("base_dir", "."), source=str(config_path))
 
 
 def write_resolved_config(study: Study, path: Path) -> None:

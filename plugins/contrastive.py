@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import medtl
+from medtl.distributed import all_gather_with_grad
 from medtl.model import Classifier
 from medtl.strategy import Strategy, StrategyContext, split_decay_groups
 
@@ -220,16 +221,20 @@ class Contrastive(Strategy):
         losses: dict[str, torch.Tensor] = {}
         total = projections.new_zeros(())
 
+        # Under DDP the views of every process are gathered, so that negatives come
+        # from the global batch; in a single process the gathers return their input.
         # Supervised contrastive loss over the labeled source views
         if self.supcon_weight > 0:
-            labeled = torch.cat([projections[:n_source], projections[n:n + n_source]])
-            supcon = supcon_loss(labeled, source["label"], self.temperature)
+            labeled = torch.cat([all_gather_with_grad(projections[:n_source]),
+                                 all_gather_with_grad(projections[n:n + n_source])])
+            supcon = supcon_loss(labeled, all_gather_with_grad(source["label"]), self.temperature)
             total = total + self.supcon_weight * supcon
             losses["supcon"] = supcon.detach()
 
         # NT-Xent over every image of the step, labels ignored
         if self.simclr_weight > 0:
-            simclr = nt_xent_loss(projections, self.simclr_temperature)
+            gathered = torch.cat([all_gather_with_grad(projections[:n]), all_gather_with_grad(projections[n:])])
+            simclr = nt_xent_loss(gathered, self.simclr_temperature)
             total = total + self.simclr_weight * simclr
             losses["nt_xent"] = simclr.detach()
 

@@ -518,6 +518,14 @@ def dicom_affine(row_cosines: np.ndarray, column_cosines: np.ndarray, origin: np
 
 
 def _pixel_spacing(ds: Any) -> tuple[float, float]:
+    spacing = _stored_pixel_spacing(ds)
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise BadFileError(str(getattr(ds, "filename", None) or "DICOM dataset"),
+                           f"PixelSpacing is {list(spacing)}; spacings must be positive")
+    return spacing
+
+
+def _stored_pixel_spacing(ds: Any) -> tuple[float, float]:
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(keyword)
         if value is not None and len(value) == 2:

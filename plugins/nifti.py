@@ -101,6 +101,10 @@ class NiftiSource:
             img = nib.load(path)
             if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
                 raise BadFileError(path, f"not a NIfTI image but {type(img).__name__}")
+            linear = np.asarray(img.affine, dtype=np.float64)[:3, :3]
+            if not np.isfinite(linear).all() or abs(np.linalg.det(linear)) < 1e-12:
+                raise BadFileError(path, "the affine is singular (zero or degenerate voxel axes), so the "
+                                   "image orientation is unknown; fix the header's sform/qform")
             data = np.asarray(img.get_fdata(dtype=np.float32))
         except BadFileError:
             raise
