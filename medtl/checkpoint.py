@@ -31,7 +31,7 @@ CHECKPOINT_FORMAT = "medtl-checkpoint-2"
 
 def capture_rng_state() -> dict[str, Any]:
     """Return the global RNG states of torch (and CUDA), NumPy and Python as tensors and plain values."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

@@ -11,7 +11,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import numpy as np
 import torch
@@ -179,7 +179,8 @@ class AugmentedDataset(torch.utils.data.Dataset):
             return item
         sample_seed = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
         self._random_state.seed(int(sample_seed))
-        return apply_transform(self.transform, dict(item))
+        # Dictionary transforms return a dict for a dict input.
+        return cast(dict[str, Any], apply_transform(self.transform, dict(item)))
 
 
 def _share_random_state(transform: Any, state: np.random.RandomState) -> None:
@@ -345,7 +346,7 @@ class InfiniteLoader:
         sampler = getattr(self.loader, "sampler", None)
         if sampler is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
-        if hasattr(sampler, "set_start"):
+        if sampler is not None and hasattr(sampler, "set_start"):
             sampler.set_start(self.batches * int(self.loader.batch_size or 1))
         elif self.batches:
             raise ValueError("this loader's sampler cannot start mid-pass; use an EpochSampler")

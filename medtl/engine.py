@@ -308,7 +308,7 @@ class _Study:
         pin = self.device.type == "cuda"
         preset = study.transforms.preset
         augment = self.host.create("transform", preset, data=study.data, **study.transforms.options)
-        shard = {"rank": self.rank, "world_size": self.world_size, "pin_memory": pin}
+        shard: dict[str, Any] = {"rank": self.rank, "world_size": self.world_size, "pin_memory": pin}
         self.train_loader = make_loader(self.train_items, augment, self.local_batch, True, t.num_workers,
                                         study.seed, drop_last=True, **shard)
         self.target_loader = None

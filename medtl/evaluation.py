@@ -294,11 +294,12 @@ def bootstrap_difference(reference: tuple[np.ndarray, np.ndarray, np.ndarray],
         a = compute_metrics(reference[0][i], reference[1][i], threshold)
         b = compute_metrics(other[0][j], other[1][j], threshold)
         for name in CORE_METRICS:
-            samples[name].append(None if a[name] is None or b[name] is None else a[name] - b[name])
+            value_a, value_b = a[name], b[name]
+            samples[name].append(None if value_a is None or value_b is None else value_a - value_b)
     out = {}
     for name in CORE_METRICS:
-        a, b = ref_values[name], other_values[name]
-        out[name] = {"value": None if a is None or b is None else float(a - b),
+        ref, other_value = ref_values[name], other_values[name]
+        out[name] = {"value": None if ref is None or other_value is None else float(ref - other_value),
                      "ci": _percentile_interval(samples[name], level) if resamples > 0 else None}
     return out
 

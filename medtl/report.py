@@ -173,11 +173,11 @@ def _embedding_plot(embedding: dict[str, Any]) -> str | None:
     views = [("PCA", embedding.get("pca"))]
     if embedding.get("tsne"):
         views.append(("t-SNE", embedding["tsne"]))
-    views = [(title, np.asarray(points)) for title, points in views if points]
-    if not views:
+    arrays = [(title, np.asarray(points)) for title, points in views if points]
+    if not arrays:
         return None
-    fig, axes = _subplots(len(views), 2, width=9.0, height=3.8 * len(views))
-    for row, (title, points) in enumerate(views):
+    fig, axes = _subplots(len(arrays), 2, width=9.0, height=3.8 * len(arrays))
+    for row, (title, points) in enumerate(arrays):
         for col, key in enumerate(("group", "label")):
             ax = axes[row, col]
             values = embedding.get(key, [])

@@ -84,7 +84,7 @@ class TargetSelection:
     def summary(self, selected_epoch: int, source_val_epoch: int) -> dict[str, Any]:
         """Return the validator's choice next to the oracle's and the source-validation choice."""
         known = {e: v for e, v in self.oracle.items() if v is not None}
-        oracle_epoch = max(known, key=known.get) if known else None
+        oracle_epoch = max(known, key=lambda e: known[e]) if known else None
         return {
             "validator": self.name,
             "scores": {str(e): s for e, s in self.scores.items()},

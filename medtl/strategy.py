@@ -143,7 +143,7 @@ def classifier_parameter_groups(model: Classifier, weight_decay: float, no_decay
     if layer_decay != 1.0 and stages:
         seen: set[int] = set()
         for depth, stage in enumerate(reversed(stages), start=1):
-            modules = nn.ModuleList(backbone.stage_modules(stage))
+            modules = nn.ModuleList(backbone.stage_modules(stage))  # type: ignore[operator]
             scale = backbone_lr_scale * layer_decay**depth
             groups += split_decay_groups(modules, weight_decay, no_decay_norm_bias, scale)
             seen.update(id(p) for p in modules.parameters())

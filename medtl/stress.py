@@ -179,7 +179,7 @@ def stress_test(trained: Any, shifts: list[str] | tuple[str, ...] = DEFAULT_SHIF
     results: dict[str, Any] = {}
     for name in shifts:
         spec = SHIFTS[name]
-        curve = {"severity": list(range(SEVERITIES + 1)), "parameter_name": spec.parameter,
+        curve: dict[str, Any] = {"severity": list(range(SEVERITIES + 1)), "parameter_name": spec.parameter,
                  "parameter": [0.0, *spec.levels], "description": spec.description,
                  "auc": [baseline["auc"]], "accuracy": [baseline["accuracy"]],
                  "balanced_accuracy": [baseline["balanced_accuracy"]]}
