@@ -313,6 +313,8 @@ def read_study_dict(path: str | Path) -> dict[str, Any]:
             raw = yaml.safe_load(fh)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; pass a study YAML file") from None
     return raw if raw is not None else {}
 
 
@@ -327,7 +329,8 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     path = Path(path)
     raw = read_study_dict(path)
     raw = apply_overrides(raw, overrides or [])
-    return study_from_dict(raw, base_dir=path.parent, source=str(path))
+    # base_dir is absolute so that a run folder's saved study resolves from any directory.
+    return study_from_dict(raw, base_dir=path.resolve().parent, source=str(path))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

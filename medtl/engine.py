@@ -266,6 +266,10 @@ class _Study:
         if unknown:
             raise ConfigError(f"sites: {unknown} are not in the manifest, which has sites {sites}")
         roles = {s: (study.sites[s].role if s in study.sites else "source") for s in sites}
+        undeclared = [s for s in sites if s not in study.sites]
+        if study.sites and undeclared:
+            logger.warning("sites %s are in the manifest but not under sites:; they are trained on as "
+                           "labeled source sites. Add them under sites: to set their role.", undeclared)
         self.source_sites = [s for s in sites if roles[s] == "source"]
         self.target_sites = [s for s in sites if roles[s] == "target"]
         if not self.source_sites:

@@ -344,6 +344,10 @@ def _require_pixels(ds: Any, path: Path) -> None:
     modality = str(ds.get("Modality", "") or "unknown")
     sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
     kind = getattr(sop, "name", None) or "unknown SOP class"
+    if "Image Storage" in kind:
+        # An image storage class without pixel data is a damaged file (for example one
+        # cut short after its header), not a non-image object, so it is not skipped.
+        raise BadFileError(str(path), f"{kind} object has no pixel data; the file may be truncated")
     raise SkippedFile(str(path), f"DICOM object without pixel data ({kind}, Modality {modality})")
 
 

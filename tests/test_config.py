@@ -111,3 +111,18 @@ def test_cli_missing_study_file(tmp_path: Path, capsys):
     code = main(["run", str(tmp_path / "nope.yaml")])
     assert code == EXIT_CONFIG
     assert "study file not found" in capsys.readouterr().err
+
+
+def test_base_dir_is_absolute(tmp_path: Path, monkeypatch):
+    (tmp_path / "study.yaml").write_text("data: {manifest: m.csv}\n")
+    monkeypatch.chdir(tmp_path)
+    study = load_study("study.yaml")
+    assert Path(study.base_dir).is_absolute()
+    assert study.resolve_path(study.data.manifest) == tmp_path / "m.csv"
+
+
+def test_binary_study_file_is_config_error(tmp_path: Path):
+    path = tmp_path / "study.yaml"
+    path.write_bytes(b"data:\n\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        load_study(path)

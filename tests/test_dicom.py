@@ -330,3 +330,16 @@ def test_enhanced_frames_sorted_and_rescaled(tmp_path):
     assert array.shape == (1, 3, 4, 5)
     assert [float(array[0, k, 0, 0]) for k in range(3)] == [-60.0, -80.0, -40.0]
     assert meta["spacing"] == pytest.approx((5.0, 0.5, 0.6))
+
+
+def test_header_only_image_is_bad_not_skipped(tmp_path):
+    import medtl
+    from medtl.errors import BadFileError, SkippedFile
+
+    sample = Path(__file__).resolve().parents[1] / "sample_data" / "site_a" / "A000_0.dcm"
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(sample.read_bytes()[:300])
+    with pytest.raises(BadFileError, match="no pixel data") as info:
+        medtl.create("source", "dicom").read(str(cut))
+    assert not isinstance(info.value, SkippedFile)
+    assert "cut.dcm" in str(info.value)
