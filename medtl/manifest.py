@@ -244,7 +244,7 @@ def assign_splits(manifest: Manifest, val: float, test: float, seed: int) -> Non
         for r in rows:
             r.split = assignment[r.patient_id]
         counts = {s: sum(1 for r in rows if r.split == s) for s in SPLITS}
-        logger.info("site %s split by patient: %s", site, counts)
+        logger.info("site %s split by patient, images per split: %s", site, counts)
 
 
 def _split_patients(

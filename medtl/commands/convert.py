@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from medtl.errors import BadFileError, ConfigError
+from medtl.errors import BadFileError, ConfigError, OutputError
 
 __all__ = ["register", "convert_command", "read_input", "parse_options", "source_name_for_path"]
 
@@ -104,8 +104,12 @@ def convert_command(args: argparse.Namespace) -> int:
     array, meta = read_input(inputs, args.source, parse_options(args.options))
     import nibabel as nib
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(to_nifti(array, meta), str(output))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(to_nifti(array, meta), str(output))
+    except OSError as exc:
+        raise OutputError(f"cannot write {output}: {exc.strerror or exc}. "
+                          "Choose an OUTPUT path in a writable folder.") from None
     shape = "x".join(str(s) for s in array.shape)
     print(f"wrote {output}: {meta.get('kind', 'image')} {shape} (channels first), "
           f"spacing {_format_spacing(meta.get('spacing'))} mm")
