@@ -124,6 +124,7 @@ _README = """\
 A medtl plugin. It adds the backbone `{component}`.
 
 ```bash
+pip install pytest      # if your environment does not have it yet
 python -m pytest        # runs medtl's conformance checks on the backbone
 pip install -e .        # registers the entry point, so medtl finds the plugin
 medtl plugins           # lists "{name} ({dist} 0.1.0)" with its components
