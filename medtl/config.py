@@ -34,7 +34,7 @@ class _Section(BaseModel):
 
 
 class SplitConfig(_Section):
-    """How the manifest is split into train, validation and test sets."""
+    """Fractions of patients for the validation and test splits, and the image-split fallback."""
 
     val: float = Field(0.15, ge=0.0, lt=1.0, description="fraction of patients for validation")
     test: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of patients for testing")

@@ -59,7 +59,7 @@ class RunResult:
 
 
 def build_host(study: Study) -> PluginHost:
-    """Create the plugin host that a study asks for (blocked, allowed and local plugins).
+    """Create the plugin host that a study configures (blocked, allowed and local plugins).
 
     Local modules in ``plugins.modules`` are looked up in the study file's folder first.
     """
@@ -718,7 +718,7 @@ def run_study(study: Study, host: PluginHost | None = None, resume: str | Path |
 
     Raises:
         MedtlError: for invalid configuration, data or a failed training, with a
-            message that says what to fix. :class:`RunInterrupted` after SIGINT or
+            message that states what to fix. :class:`RunInterrupted` after SIGINT or
             SIGTERM, once a resumable checkpoint is saved.
     """
     host = host or build_host(study)

@@ -145,7 +145,10 @@ def load_manifest(
         if not rel:
             problems.append(f"row {line}: empty path")
             continue
-        full = rel if "#" in rel and path.suffix == ".npz" else str(base / rel) if not Path(rel).is_absolute() else rel
+        if ("#" in rel and path.suffix == ".npz") or Path(rel).is_absolute():
+            full = rel
+        else:
+            full = str(base / rel)
         if full in seen:
             problems.append(f"row {line}: duplicate path {rel!r} (first at row {seen[full]})")
         seen[full] = line

@@ -15,7 +15,7 @@ __all__ = ["Strategy", "StrategyContext", "SourceTargetNetwork", "split_decay_gr
 
 @dataclass
 class StrategyContext:
-    """What a strategy may know about the run when it is set up."""
+    """Run facts that a strategy receives when it is set up."""
 
     num_classes: int
     epochs: int

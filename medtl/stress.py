@@ -60,7 +60,7 @@ SHIFTS: dict[str, SiteShift] = {s.name: s for s in (
               "herringbone artifact from k-space spikes (MONAI RandKSpaceSpikeNoise)", mr_only=True),
 )}
 
-#: Shifts that ``medtl shift`` runs unless told otherwise; k-space spikes are MR-only.
+#: Shifts that ``medtl shift`` runs by default. K-space spikes are MR-only, so they are not in this list.
 DEFAULT_SHIFTS: tuple[str, ...] = tuple(n for n, s in SHIFTS.items() if not s.mr_only)
 
 
