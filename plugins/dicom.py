@@ -18,9 +18,11 @@ modality, photometric interpretation, transfer syntax), never patient identifier
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -130,18 +132,23 @@ class DicomSource:
             BadFileError: for a missing, truncated, corrupt or undecodable file, naming it.
         """
         p = Path(path)
+        decoded = _decode_plain_file(p)  # None for a folder, a missing file and any unusual file
+        if decoded is not None:
+            return self._read_dataset(*decoded, p)
         if p.is_dir():
             return self.read_series(self.select_series(p), p)
         if not p.is_file():
             raise BadFileError(path, "file not found")
         ds = _dcmread(p)
-        return self._read_dataset(ds, p)
+        return self._read_dataset(ds, None, p)
 
     # -- single files and multi-frame objects ---------------------------------
 
-    def _read_dataset(self, ds: Any, path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-        _require_pixels(ds, path)
-        frames = self._frames(ds, path)  # (F, H, W, S)
+    def _read_dataset(self, ds: Any, pixels: np.ndarray | None, path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+        """Convert a dataset, and its decoded pixels when the caller has them, to (array, meta)."""
+        if pixels is None:
+            _require_pixels(ds, path)
+        frames = self._frames(ds, pixels, path)  # (F, H, W, S)
         order = _enhanced_frame_order(ds, len(frames))
         if order is not None:
             frames = frames[order]
@@ -155,23 +162,27 @@ class DicomSource:
         meta = _base_meta(ds, kind)
         meta.update(_file_geometry(ds, array.ndim - 1, order))
         meta["shape"] = tuple(array.shape)
-        return np.ascontiguousarray(array, dtype=np.float32), meta
+        out = np.ascontiguousarray(array, dtype=np.float32)
+        if not out.flags.writeable:  # float32 pixel data decoded as a view on the file's bytes
+            out = out.copy()
+        return out, meta
 
-    def _frames(self, ds: Any, path: Path) -> np.ndarray:
+    def _frames(self, ds: Any, pixels: np.ndarray | None, path: Path) -> np.ndarray:
         """Decode all frames as float32 ``(frames, rows, columns, samples)`` with the LUTs applied."""
         from pydicom.pixels import apply_color_lut, pixel_array
 
-        try:
-            # The function form decodes like Dataset.pixel_array (YBR converted to RGB)
-            # but does not keep a decoded copy on the dataset.
-            pixels = pixel_array(ds)
-        except Exception as exc:  # noqa: BLE001 - pydicom and its plugins raise many exception types
-            syntax = _transfer_syntax_name(ds)
-            hint = " Install the decoders with: pip install 'medtl[dicom]'." if "plugin" in str(exc) else ""
-            raise BadFileError(str(path), f"pixel data could not be decoded ({syntax}): "
-                                          f"{_scrub(str(exc), ds)}{hint}") from None
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if pixels is None:
+            try:
+                # The function form decodes like Dataset.pixel_array (YBR converted to RGB)
+                # but does not keep a decoded copy on the dataset.
+                pixels = pixel_array(ds)
+            except Exception as exc:  # noqa: BLE001 - pydicom and its plugins raise many exception types
+                syntax = _transfer_syntax_name(ds)
+                hint = " Install the decoders with: pip install 'medtl[dicom]'." if "plugin" in str(exc) else ""
+                raise BadFileError(str(path), f"pixel data could not be decoded ({syntax}): "
+                                              f"{_scrub(str(exc), ds)}{hint}") from None
+        photometric = str(_get(ds, "PhotometricInterpretation", "MONOCHROME2")).strip()
+        samples = int(_get(ds, "SamplesPerPixel", 1) or 1)
         if photometric == "PALETTE COLOR":
             pixels = apply_color_lut(pixels, ds)
             samples = 3
@@ -237,14 +248,14 @@ class DicomSource:
             if not _has_pixels(ds):
                 counts["no_pixels"] += 1
                 continue
-            key = str(ds.get("SeriesInstanceUID", "") or "")
+            key = str(_get(ds, "SeriesInstanceUID", "") or "")
             info = groups.get(key)
             if info is None:
-                number = ds.get("SeriesNumber")
+                number = _get(ds, "SeriesNumber")
                 info = groups[key] = SeriesInfo(
                     key=key, number=int(number) if number not in (None, "") else None,
-                    modality=str(ds.get("Modality", "") or "unknown"),
-                    description=str(ds.get("SeriesDescription", "") or ""))
+                    modality=str(_get(ds, "Modality", "") or "unknown"),
+                    description=str(_get(ds, "SeriesDescription", "") or ""))
             info.datasets.append(ds)
             info.paths.append(path)
         series = sorted(groups.values(), key=lambda s: (s.number is None, s.number or 0, -len(s.paths)))
@@ -282,8 +293,8 @@ class DicomSource:
         so each :class:`SeriesInfo` can be read once.
         """
         if len(info.datasets) == 1:
-            return self._read_dataset(info.datasets[0], info.paths[0])
-        multi = [p for ds, p in zip(info.datasets, info.paths) if int(ds.get("NumberOfFrames", 1) or 1) > 1]
+            return self._read_dataset(info.datasets[0], None, info.paths[0])
+        multi = [p for ds, p in zip(info.datasets, info.paths) if int(_get(ds, "NumberOfFrames", 1) or 1) > 1]
         if multi:
             raise BadFileError(str(multi[0]), f"{info.label} mixes a multi-frame object with other files; "
                                               "list the multi-frame file in the manifest on its own")
@@ -300,11 +311,11 @@ class DicomSource:
 
         # Decode slice by slice into one preallocated volume, so that the peak memory is
         # the volume plus about one decoded slice.
-        first = self._frames(datasets[order[0]], paths[order[0]])
+        first = self._frames(datasets[order[0]], None, paths[order[0]])
         volume = np.empty((len(order),) + first.shape[1:], dtype=np.float32)
         volume[0] = first[0]
         for slot, index in enumerate(order[1:], start=1):
-            volume[slot] = self._frames(datasets[index], paths[index])[0]
+            volume[slot] = self._frames(datasets[index], None, paths[index])[0]
             # Free the encoded bytes read from the deferred element; the volume has the slice now.
             datasets[index].pop(0x7FE00010, None)
         datasets[order[0]].pop(0x7FE00010, None)
@@ -318,6 +329,51 @@ class DicomSource:
 # ---------------------------------------------------------------------------
 # Reading helpers
 # ---------------------------------------------------------------------------
+
+
+#: Elements outside the Image Pixel module (group 0028, which pydicom reads with the
+#: pixels anyway) that the single-file path uses: the fast read must fetch each of them.
+_PLAIN_FILE_KEYWORDS = (
+    "SOPClassUID", "Modality", "ImagerPixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
+    "SliceThickness", "SpacingBetweenSlices", "GridFrameOffsetVector", "PerFrameFunctionalGroupsSequence",
+    "SharedFunctionalGroupsSequence",
+)
+
+
+def _decode_plain_file(path: Path) -> tuple[Any, np.ndarray] | None:
+    """Decode a single-image or multi-frame file in one pass over its header.
+
+    ``dcmread`` builds every element of the file and copies the pixel data into a
+    bytes object before decoding starts. pydicom's ``pixel_array``, given an open
+    file, reads only the Image Pixel module and the elements in
+    ``_PLAIN_FILE_KEYWORDS`` and decodes straight from the file. On a 512x512 CT
+    slice this read took 340 microseconds against 465 for ``dcmread`` then
+    ``pixel_array``, timed over 60 synthetic files on the 2-core development machine.
+
+    Returns None for anything unusual, and the caller then takes the full ``dcmread``
+    path: a file without the DICM prefix, a file whose decoding fails (the full path
+    then reports the error or the skip), or an enhanced object, whose frame order and
+    rescale come from its functional groups.
+    """
+    from pydicom import Dataset
+    from pydicom.pixels import pixel_array
+
+    ds = Dataset()
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(132)
+            if len(head) < 132 or head[128:] != b"DICM":
+                return None
+            handle.seek(0)
+            # view_only skips the copy of uncompressed pixel data. The float32 conversion
+            # makes a writable copy, and _read_dataset copies any array that is still a view.
+            pixels = pixel_array(handle, ds_out=ds, specific_tags=[_tag(k) for k in _PLAIN_FILE_KEYWORDS],
+                                 view_only=True)
+    except Exception:  # noqa: BLE001 - any failure goes to the full path, which reports it
+        return None
+    if _has(ds, "PerFrameFunctionalGroupsSequence") or _has(ds, "SharedFunctionalGroupsSequence"):
+        return None
+    return ds, pixels
 
 
 def _dcmread(path: Path) -> Any:
@@ -335,14 +391,14 @@ def _dcmread(path: Path) -> Any:
 
 
 def _has_pixels(ds: Any) -> bool:
-    return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    return any(_has(ds, k) for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 
 
 def _require_pixels(ds: Any, path: Path) -> None:
     if _has_pixels(ds):
         return
-    modality = str(ds.get("Modality", "") or "unknown")
-    sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    modality = str(_get(ds, "Modality", "") or "unknown")
+    sop = _get(ds, "SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
     kind = getattr(sop, "name", None) or "unknown SOP class"
     if "Image Storage" in kind:
         # An image storage class without pixel data is a damaged file (for example one
@@ -360,10 +416,10 @@ def _transfer_syntax_name(ds: Any) -> str:
 def _base_meta(ds: Any, kind: str) -> dict[str, Any]:
     return {
         "kind": kind,
-        "modality": str(ds.get("Modality", "") or "unknown"),
-        "photometric": str(ds.get("PhotometricInterpretation", "") or "unknown"),
+        "modality": str(_get(ds, "Modality", "") or "unknown"),
+        "photometric": str(_get(ds, "PhotometricInterpretation", "") or "unknown"),
         "transfer_syntax": _transfer_syntax_name(ds),
-        "frames": int(ds.get("NumberOfFrames", 1) or 1),
+        "frames": int(_get(ds, "NumberOfFrames", 1) or 1),
     }
 
 
@@ -386,11 +442,80 @@ def _scrub(text: str, ds: Any) -> str:
 
 def _check_same(datasets: list[Any], paths: list[Path], keywords: tuple[str, ...]) -> None:
     for keyword in keywords:
-        first = datasets[0].get(keyword)
+        first = _get(datasets[0], keyword)
         for ds, path in zip(datasets[1:], paths[1:]):
-            if ds.get(keyword) != first:
-                raise BadFileError(str(path), f"{keyword} is {ds.get(keyword)} but {first} in "
+            if _get(ds, keyword) != first:
+                raise BadFileError(str(path), f"{keyword} is {_get(ds, keyword)} but {first} in "
                                               f"{paths[0].name}; the files are not one series")
+
+
+# ---------------------------------------------------------------------------
+# Header values
+# ---------------------------------------------------------------------------
+
+#: struct formats and sizes of the binary value representations that :func:`_get` parses itself.
+_BINARY_FORMATS = {"US": ("H", 2), "SS": ("h", 2), "UL": ("I", 4), "SL": ("i", 4), "FL": ("f", 4),
+                   "FD": ("d", 8)}
+
+
+@functools.lru_cache(maxsize=None)
+def _tag(keyword: str) -> int | None:
+    from pydicom.datadict import tag_for_keyword
+
+    return tag_for_keyword(keyword)
+
+
+@functools.lru_cache(maxsize=None)
+def _dictionary_vr(tag: int) -> str:
+    from pydicom.datadict import dictionary_VR
+
+    return str(dictionary_VR(tag))
+
+
+def _has(ds: Any, keyword: str) -> bool:
+    """Return whether ``ds`` contains ``keyword``, looking the tag up once per keyword."""
+    return _tag(keyword) in ds
+
+
+def _get(ds: Any, keyword: str, default: Any = None) -> Any:
+    """Return the value of a top-level element, like ``ds.get(keyword, default)``.
+
+    pydicom converts an element on first access through its value hooks, which took
+    10 to 20 microseconds per element on the CI machine. A 2D read uses about fifteen
+    elements, so that came to a third of the time pydicom needs to decode an
+    uncompressed 512x512 image. The
+    numeric and code strings (DS, IS, CS) and the binary numbers are parsed here
+    straight from the raw bytes instead; any other value representation, an element
+    pydicom has already converted, or bytes that do not parse cleanly go through
+    ``ds.get``. Multi-valued elements come back as lists, and empty ones as None.
+    """
+    tag = _tag(keyword)
+    elem = ds.get_item(tag) if tag is not None else None
+    if elem is None:
+        return default
+    if not getattr(elem, "is_raw", False):
+        return elem.value
+    raw = elem.value
+    if raw is None or len(raw) == 0:
+        return None
+    vr = elem.VR or _dictionary_vr(tag)
+    values: list[Any]
+    try:
+        if vr in _BINARY_FORMATS:
+            code, size = _BINARY_FORMATS[vr]
+            if len(raw) % size:
+                return ds.get(keyword, default)
+            values = list(struct.unpack(("<" if elem.is_little_endian else ">") + code * (len(raw) // size), raw))
+        elif vr == "DS" or vr == "IS":
+            convert = float if vr == "DS" else int
+            values = [convert(part) for part in raw.decode("ascii").split("\\")]  # int() and float() strip blanks
+        elif vr == "CS":
+            values = [part.strip(" \x00") for part in raw.decode("ascii").split("\\")]
+        else:
+            return ds.get(keyword, default)
+    except (UnicodeDecodeError, ValueError, struct.error):
+        return ds.get(keyword, default)
+    return values[0] if len(values) == 1 else values
 
 
 # ---------------------------------------------------------------------------
@@ -419,7 +544,7 @@ def _modality_lut(pixels: np.ndarray, ds: Any) -> np.ndarray:
     fast = _exact_float32_rescale(pixels, ds)
     if fast is not None:
         return fast
-    if "RescaleSlope" in ds or "ModalityLUTSequence" in ds or "PerFrameFunctionalGroupsSequence" not in ds:
+    if _has(ds, "RescaleSlope") or _has(ds, "ModalityLUTSequence") or not _has(ds, "PerFrameFunctionalGroupsSequence"):
         return apply_modality_lut(pixels, ds)
     out = pixels.astype(np.float64)
     for i in range(len(out)):
@@ -436,38 +561,42 @@ def _exact_float32_rescale(pixels: np.ndarray, ds: Any) -> np.ndarray | None:
     2**15 in magnitude, every result is an integer below 2**24 and so exact in float32.
     This is the common CT case, and it halves the cost of the modality LUT.
     """
-    if pixels.dtype.itemsize > 2 or pixels.dtype.kind not in "iu" or "ModalityLUTSequence" in ds:
+    if pixels.dtype.itemsize > 2 or pixels.dtype.kind not in "iu" or _has(ds, "ModalityLUTSequence"):
         return None
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    slope, intercept = _get(ds, "RescaleSlope"), _get(ds, "RescaleIntercept")
     if slope is None and intercept is None:
-        return pixels.astype(np.float32) if "PerFrameFunctionalGroupsSequence" not in ds else None
+        return pixels.astype(np.float32) if not _has(ds, "PerFrameFunctionalGroupsSequence") else None
     if slope is None or intercept is None:
         return None
     slope, intercept = float(slope), float(intercept)
     if slope != 1.0 or intercept != int(intercept) or abs(intercept) >= 2**15:
         return None
-    return np.add(pixels, np.float32(intercept), dtype=np.float32)  # one pass: cast and add
+    values = pixels.astype(np.float32)
+    # A plain cast and an in-place add run at memory speed; np.add with a float32
+    # dtype on integer input takes a buffered casting loop that is about twice as slow.
+    values += np.float32(intercept)
+    return values
 
 
 def _stored_range(ds: Any) -> tuple[float, float]:
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
-    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+    bits = int(_get(ds, "BitsStored", _get(ds, "BitsAllocated", 16)) or 16)
+    if int(_get(ds, "PixelRepresentation", 0) or 0) == 1:
         return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
     return 0.0, 2.0**bits - 1
 
 
 def _modality_range(ds: Any, values: np.ndarray) -> tuple[float, float]:
     """Return the output range of the modality LUT for the coded stored-value range."""
-    if ds.get("ModalityLUTSequence"):
+    if _get(ds, "ModalityLUTSequence"):
         depth = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
         return 0.0, 2.0**depth - 1
-    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+    if _has(ds, "FloatPixelData") or _has(ds, "DoubleFloatPixelData"):
         return float(values.min()), float(values.max())
     low, high = _stored_range(ds)
     rescale = None
-    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        rescale = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
-    elif "PerFrameFunctionalGroupsSequence" in ds:
+    if _has(ds, "RescaleSlope") or _has(ds, "RescaleIntercept"):
+        rescale = float(_get(ds, "RescaleSlope", 1.0)), float(_get(ds, "RescaleIntercept", 0.0))
+    elif _has(ds, "PerFrameFunctionalGroupsSequence"):
         rescale = _frame_rescale(ds, 0)
     if rescale is not None:
         ends = sorted((low * rescale[0] + rescale[1], high * rescale[0] + rescale[1]))
@@ -476,11 +605,11 @@ def _modality_range(ds: Any, values: np.ndarray) -> tuple[float, float]:
 
 
 def _has_voi(ds: Any) -> bool:
-    return bool(ds.get("VOILUTSequence")) or ("WindowCenter" in ds and "WindowWidth" in ds)
+    return bool(_get(ds, "VOILUTSequence")) or (_has(ds, "WindowCenter") and _has(ds, "WindowWidth"))
 
 
 def _voi_range(ds: Any) -> tuple[float, float]:
-    if ds.get("VOILUTSequence"):
+    if _get(ds, "VOILUTSequence"):
         depth = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         return 0.0, 2.0**depth - 1
     return _stored_range(ds)
@@ -523,7 +652,7 @@ def dicom_affine(row_cosines: np.ndarray, column_cosines: np.ndarray, origin: np
 
 def _pixel_spacing(ds: Any) -> tuple[float, float]:
     spacing = _stored_pixel_spacing(ds)
-    if not all(np.isfinite(s) and s > 0 for s in spacing):
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
         raise BadFileError(str(getattr(ds, "filename", None) or "DICOM dataset"),
                            f"PixelSpacing is {list(spacing)}; spacings must be positive")
     return spacing
@@ -531,10 +660,10 @@ def _pixel_spacing(ds: Any) -> tuple[float, float]:
 
 def _stored_pixel_spacing(ds: Any) -> tuple[float, float]:
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword)
+        value = _get(ds, keyword)
         if value is not None and len(value) == 2:
             return float(value[0]), float(value[1])
-    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared = _get(ds, "SharedFunctionalGroupsSequence")
     if shared and shared[0].get("PixelMeasuresSequence"):
         value = shared[0].PixelMeasuresSequence[0].get("PixelSpacing")
         if value is not None:
@@ -544,12 +673,12 @@ def _stored_pixel_spacing(ds: Any) -> tuple[float, float]:
 
 def _plane(ds: Any, frame: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Return (ImageOrientationPatient, ImagePositionPatient) of a file or of one enhanced frame."""
-    orientation, position = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")
-    if frame is not None and "PerFrameFunctionalGroupsSequence" in ds:
+    orientation, position = _get(ds, "ImageOrientationPatient"), _get(ds, "ImagePositionPatient")
+    if frame is not None and _has(ds, "PerFrameFunctionalGroupsSequence"):
         item = ds.PerFrameFunctionalGroupsSequence[frame]
         if item.get("PlanePositionSequence"):
             position = item.PlanePositionSequence[0].get("ImagePositionPatient", position)
-        for source in (item, (ds.get("SharedFunctionalGroupsSequence") or [None])[0]):
+        for source in (item, (_get(ds, "SharedFunctionalGroupsSequence") or [None])[0]):
             if source is not None and source.get("PlaneOrientationSequence"):
                 orientation = source.PlaneOrientationSequence[0].get("ImageOrientationPatient", orientation)
                 break
@@ -559,7 +688,7 @@ def _plane(ds: Any, frame: int | None = None) -> tuple[np.ndarray | None, np.nda
 
 def _enhanced_frame_order(ds: Any, frames: int) -> list[int] | None:
     """Order the frames of an enhanced object along the slice normal, when they carry positions."""
-    if frames < 2 or "PerFrameFunctionalGroupsSequence" not in ds:
+    if frames < 2 or not _has(ds, "PerFrameFunctionalGroupsSequence"):
         return None
     planes = [_plane(ds, i) for i in range(frames)]
     if any(o is None or p is None for o, p in planes):
@@ -584,13 +713,13 @@ def _file_geometry(ds: Any, spatial_ndim: int, order: list[int] | None) -> dict[
         frame_known = position is not None
         position = np.zeros(3) if position is None else position
     normal = _cross(orientation[:3], orientation[3:])
-    thickness = float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0)
+    thickness = float(_get(ds, "SpacingBetweenSlices", _get(ds, "SliceThickness", 1.0)) or 1.0)
     step = normal * thickness
     if order:
         _, last = _plane(ds, order[-1])
         if last is not None and len(order) > 1:
             step = (last - position) / (len(order) - 1)
-    elif "GridFrameOffsetVector" in ds and spatial_ndim == 3:
+    elif _has(ds, "GridFrameOffsetVector") and spatial_ndim == 3:
         offsets = [float(v) for v in ds.GridFrameOffsetVector]
         if len(offsets) > 1:
             step = normal * (offsets[1] - offsets[0])
@@ -611,9 +740,9 @@ def _series_geometry(datasets: list[Any], paths: list[Path], options: DicomOptio
     if any(o is None or p is None or len(o) != 6 for o, p in planes):
         issues.append("some slices lack ImagePositionPatient or ImageOrientationPatient; slices are "
                       "ordered by InstanceNumber and the slice spacing is taken from SliceThickness")
-        order = sorted(range(len(datasets)), key=lambda i: (int(datasets[i].get("InstanceNumber", 0) or 0),
+        order = sorted(range(len(datasets)), key=lambda i: (int(_get(datasets[i], "InstanceNumber", 0) or 0),
                                                             paths[i].name))
-        thickness = float(datasets[0].get("SpacingBetweenSlices", datasets[0].get("SliceThickness", 1.0)) or 1.0)
+        thickness = float(_get(datasets[0], "SpacingBetweenSlices", _get(datasets[0], "SliceThickness", 1.0)) or 1.0)
         affine = dicom_affine(np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.zeros(3), spacing,
                               np.array([0, 0, thickness]))
         return {"order": order, "issues": issues, "spacing": (thickness, *spacing), "affine": affine,
@@ -664,7 +793,7 @@ def _series_geometry(datasets: list[Any], paths: list[Path], options: DicomOptio
         if tilt > _TILT_TOLERANCE_DEG:
             issues.append(f"gantry tilt of {tilt:.2f} degrees: slices are sheared, and the affine keeps the shear")
     else:
-        median, tilt = float(datasets[0].get("SliceThickness", 1.0) or 1.0), 0.0
+        median, tilt = float(_get(datasets[0], "SliceThickness", 1.0) or 1.0), 0.0
         step_vector = normal * median
     affine = dicom_affine(orientation[:3], orientation[3:], positions[order[0]], spacing, step_vector)
     result = {"order": order, "issues": issues, "spacing": (median, *spacing), "affine": affine,

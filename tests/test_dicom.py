@@ -100,6 +100,90 @@ def test_pydicom_files_match_pixel_array(capsys):
     assert REQUIRED_SYNTAXES <= syntaxes, REQUIRED_SYNTAXES - syntaxes
 
 
+def _same_meta(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for key in a:
+        if isinstance(a[key], np.ndarray):
+            if not np.allclose(a[key], b[key], rtol=0, atol=1e-9):
+                return False
+        elif a[key] != b[key]:
+            return False
+    return True
+
+
+def test_one_pass_read_equals_full_dcmread_path():
+    """The fast single-file read gives the same array and metadata as dcmread plus decode."""
+    import medtl_plugins.dicom as dicom_module
+
+    files = sorted(p for p in TEST_FILES.rglob("*") if p.is_file())
+    sources = [DicomSource(), DicomSource(voi="dicom"), DicomSource(window=(40.0, 400.0))]
+    fast_files = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in files:
+            decoded = dicom_module._decode_plain_file(path)
+            if decoded is None:
+                continue
+            fast_files += 1
+            for source in sources:
+                ds, pixels = dicom_module._decode_plain_file(path)
+                try:
+                    full = source._read_dataset(pydicom.dcmread(path), None, path)
+                except BadFileError:
+                    with pytest.raises(BadFileError):
+                        source._read_dataset(ds, pixels, path)
+                    continue
+                fast = source._read_dataset(ds, pixels, path)
+                assert fast[0].dtype == full[0].dtype and fast[0].flags.writeable, path.name
+                assert np.array_equal(fast[0], full[0], equal_nan=True), path.name
+                assert _same_meta(fast[1], full[1]), path.name
+    assert fast_files >= 60, fast_files
+
+
+def _as_list(value) -> list:
+    from pydicom.multival import MultiValue
+
+    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+
+
+def test_header_values_match_pydicom_conversion():
+    """_get parses DS, IS, CS and binary numbers from raw bytes exactly as pydicom converts them."""
+    from medtl_plugins.dicom import _get
+
+    keywords = ["Modality", "PhotometricInterpretation", "SamplesPerPixel", "NumberOfFrames", "BitsStored",
+                "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "PixelSpacing", "ImagerPixelSpacing",
+                "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness", "SpacingBetweenSlices",
+                "InstanceNumber", "SeriesNumber", "WindowCenter", "WindowWidth", "ImageType", "Rows"]
+    checked = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in sorted(p for p in TEST_FILES.rglob("*.dcm") if p.is_file()):
+            try:
+                raw_ds, converted_ds = pydicom.dcmread(path), pydicom.dcmread(path)
+            except Exception:  # noqa: BLE001 - unreadable files are another test's subject
+                continue
+            for keyword in keywords:
+                try:
+                    expected = converted_ds.get(keyword)
+                except Exception:  # noqa: BLE001 - pydicom cannot convert it; _get must then fail alike
+                    continue
+                value = _get(raw_ds, keyword)
+                if expected in (None, "") or (hasattr(expected, "__len__") and len(expected) == 0
+                                                and not isinstance(expected, str)):
+                    assert value in (None, "", []), (path.name, keyword, value)
+                    continue
+                checked += 1
+                as_list, got = _as_list(expected), _as_list(value)
+                assert len(got) == len(as_list), (path.name, keyword, value, expected)
+                for g, e in zip(got, as_list):
+                    if isinstance(e, str):
+                        assert g == e.strip(), (path.name, keyword, value, expected)
+                    else:
+                        assert float(g) == float(e), (path.name, keyword, value, expected)
+    assert checked > 500, checked
+
+
 def test_single_frame_multiframe_object():
     array, meta = DicomSource().read(str(TEST_FILES / "liver_1frame.dcm"))
     assert array.shape == (1, 512, 512)
