@@ -14,6 +14,7 @@ import yaml
 
 from _engine_helpers import PYTHON, subprocess_env, tiny_study_dict, write_two_site_study
 from _gather_worker import gather_worker
+from _strategy_ddp_worker import build_strategy, global_batch, step, strategy_step_worker
 from medtl.config import study_from_dict
 from medtl.engine import run_study
 
@@ -98,3 +99,24 @@ def test_all_gather_with_grad_single_process_is_identity():
 
     tensor = torch.randn(4, 2, requires_grad=True)
     assert all_gather_with_grad(tensor) is tensor
+
+
+@pytest.mark.parametrize("name", ["dann", "contrastive"])
+def test_strategy_step_under_ddp_matches_one_process(tmp_path, name):
+    """DANN's discriminator and the contrastive losses get the global batch's gradients under DDP."""
+    torch.multiprocessing.spawn(strategy_step_worker, args=(2, _free_port(), name, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=True) for r in range(2)]
+
+    strategy = build_strategy(name)
+    source, target = global_batch()
+    loss, grads = step(strategy, strategy.network, source, target)
+
+    # Each process's loss averages its own rows (the contrastive terms see the whole
+    # gathered batch on every process), so the mean over processes is the global loss.
+    assert sum(r["loss"] for r in ranks) / 2 == pytest.approx(loss, abs=1e-5)
+    extra = "discriminator" if name == "dann" else "projector"
+    assert any(key.startswith(extra) for key in grads), sorted(grads)
+    for rank in ranks:
+        assert sorted(rank["grads"]) == sorted(grads)
+        for key, grad in grads.items():
+            assert torch.allclose(rank["grads"][key], grad, atol=1e-5), key
