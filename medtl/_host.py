@@ -29,6 +29,7 @@ __all__ = [
     "PluginOrigin",
     "get_host",
     "set_host",
+    "unknown_component_message",
 ]
 
 logger = logging.getLogger(__name__)
@@ -463,12 +464,7 @@ class PluginHost:
         table = self.registry[kind]
         if name in table:
             return table[name]
-        valid = sorted(table)
-        close = difflib.get_close_matches(name, valid, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UnknownComponentError(
-            f"unknown {kind} {name!r}.{hint} Valid names: {', '.join(valid) or '(none registered)'}."
-        )
+        raise UnknownComponentError(unknown_component_message(kind, name, sorted(table)))
 
     def plugin_infos(self) -> list[dict[str, Any]]:
         """Describe every registered plugin and every load failure.
@@ -526,6 +522,13 @@ class _BrokenHook(Exception):
         super().__init__(plugin, error)
         self.plugin = plugin
         self.error = error
+
+
+def unknown_component_message(kind: str, name: str, valid: Sequence[str]) -> str:
+    """Describe an unknown component name, with the closest valid name and all valid names."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {name!r}.{hint} Valid names: {', '.join(valid) or '(none registered)'}."
 
 
 def _check_kind(kind: str) -> None:
