@@ -49,7 +49,7 @@ def study_problems(study: Study, host: PluginHost) -> list[tuple[str, str]]:
             problems.append(("model.backbone.weights", (
                 f"weights file not found: {path} (value {weights!r}). Set it to a local .pt, .pth or "
                 f".safetensors file, relative to the study file's folder {study.base_dir}, or remove it")))
-    return problems
+    return [(key, study.override_note(key, text)) for key, text in problems]
 
 
 def check_study(study: Study, host: PluginHost) -> None:

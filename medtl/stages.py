@@ -127,7 +127,10 @@ def check_stages(study: Study, plan: list[tuple[str, str, dict[str, Any]]], host
         for key, text in study_problems(stage_study, host):
             if key == "model.backbone.weights" and not starts_from_study:
                 continue
-            problem = (_stage_key(stage, key, index), text)
+            stage_key = _stage_key(stage, key, index)
+            if stage_key == key:
+                text = study.override_note(key, text)
+            problem = (stage_key, text)
             if problem not in problems:
                 problems.append(problem)
     if problems:

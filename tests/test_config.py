@@ -73,7 +73,7 @@ def test_override_creates_sections():
 
 @pytest.mark.parametrize("text", ["train.epochs", "=3", "train..epochs=3"])
 def test_malformed_override_rejected(text):
-    with pytest.raises(ConfigError, match="invalid override"):
+    with pytest.raises(ConfigError, match="invalid override --set"):
         parse_override(text)
 
 
@@ -126,3 +126,40 @@ def test_binary_study_file_is_config_error(tmp_path: Path):
     path.write_bytes(b"data:\n\xff\xfe\x00binary")
     with pytest.raises(ConfigError, match="not a UTF-8 text file"):
         load_study(path)
+
+
+def _study_file(tmp_path: Path, text: str = "data: {manifest: m.csv}\n") -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_set_error_names_option(tmp_path):
+    path = _study_file(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_study(path, ["train.epochs=abc"])
+    message = str(info.value)
+    assert message.startswith(f"invalid --set override (study file {path})")
+    assert ("train.epochs: Input should be a valid integer, unable to parse string as an integer "
+            "(received 'abc'). The value came from --set 'train.epochs=abc'.") in message
+
+
+def test_set_section_error_names_option(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_study(_study_file(tmp_path), ["data.image_size=[3]"])
+    assert "--set 'data.image_size=[3]' changed this section." in str(info.value)
+
+
+def test_set_and_file_errors_kept_apart(tmp_path):
+    path = _study_file(tmp_path, "data: {manifest: m.csv}\ntrain: {epochs: 0}\n")
+    with pytest.raises(ConfigError) as info:
+        load_study(path, ["train.batch_size=x"])
+    problems = dict(info.value.problems)
+    assert str(info.value).startswith(f"{path}: invalid study file or --set override")
+    assert "--set" not in problems["train.epochs"]
+    assert problems["train.batch_size"].endswith("The value came from --set 'train.batch_size=x'.")
+
+
+def test_set_error_through_cli(tmp_path, capsys):
+    assert main(["run", str(_study_file(tmp_path)), "--set", "train.epochs=abc"]) == EXIT_CONFIG
+    assert "The value came from --set 'train.epochs=abc'." in capsys.readouterr().err

@@ -43,6 +43,7 @@ def test_unknown_names_fail_before_run(tmp_path, capsys, no_work):
     assert "so nothing was run and no run folder was created:" in err
     assert "model.backbone.name: unknown backbone 'resnt18'. Did you mean 'resnet18'? Valid names: " in err
     assert "resnet10, resnet18, resnet34" in err
+    assert "The value came from --set 'model.backbone.name=resnt18'." in err
     assert "model.pooling.name: unknown pooling 'avgg'. Did you mean 'avg'?" in err
     assert "strategy.name: unknown strategy 'dan'. Did you mean 'dann'?" in err
     assert "transforms.preset: unknown transform 'defualt'. Did you mean 'default'?" in err
