@@ -8,8 +8,10 @@ typo never passes silently.
 from __future__ import annotations
 
 import copy
+import difflib
+import types
 from pathlib import Path
-from typing import Any, Literal, Mapping, overload
+from typing import Any, Literal, Mapping, Union, get_args, get_origin, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -309,6 +311,50 @@ def override_note(key: str, text: str, overrides: Mapping[str, str]) -> str:
     return f"{text} {note}" if text.endswith(".") else f"{text}. {note}"
 
 
+def _strip_optional(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        options = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(options) == 1:
+            return options[0]
+    return annotation
+
+
+def _section_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Return the schema class of the section at ``path`` (keys and list indexes), or None."""
+    node: Any = Study
+    for part in path:
+        node = _strip_optional(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(part))
+            if field is None:
+                return None
+            node = field.annotation
+        elif get_origin(node) in (dict, list):
+            # ``part`` is a mapping key (a site name) or a list index (a stage)
+            node = get_args(node)[-1]
+        else:
+            return None
+    node = _strip_optional(node)
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def _unknown_key_message(loc: tuple[Any, ...], value: Any) -> str:
+    """Describe an unknown key with its value, the closest allowed key and all allowed keys."""
+    key = str(loc[-1])
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    text = f"unknown key {key!r} (value {shown})."
+    section = _section_at(tuple(loc[:-1]))
+    if section is None:
+        return text + " Check the spelling against the study-file reference in README.md."
+    allowed = sorted(name for name in section.model_fields if name != "base_dir")
+    close = difflib.get_close_matches(key, allowed, n=1)
+    if close:
+        text += f" Did you mean {close[0]!r}?"
+    where = "under " + ".".join(str(p) for p in loc[:-1]) if len(loc) > 1 else "at the top level"
+    return f"{text} Allowed keys {where}: {', '.join(allowed)}."
+
+
 def _format_errors(exc: ValidationError, overrides: Mapping[str, str]) -> list[tuple[str, str]]:
     problems = []
     for err in exc.errors():
@@ -316,7 +362,7 @@ def _format_errors(exc: ValidationError, overrides: Mapping[str, str]) -> list[t
         received = err.get("input")
         text = err["msg"]
         if err["type"] == "extra_forbidden":
-            text = "unknown key; check the spelling against the study-file reference in README.md"
+            text = _unknown_key_message(err["loc"], received)
         elif not isinstance(received, dict):
             text = f"{text} (received {received!r})"
         problems.append((key, override_note(key, text, overrides)))

@@ -163,3 +163,28 @@ def test_set_and_file_errors_kept_apart(tmp_path):
 def test_set_error_through_cli(tmp_path, capsys):
     assert main(["run", str(_study_file(tmp_path)), "--set", "train.epochs=abc"]) == EXIT_CONFIG
     assert "The value came from --set 'train.epochs=abc'." in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("raw, key, expected", [
+    ({"train": {"epocs": 3}}, "train.epocs",
+     "unknown key 'epocs' (value 3). Did you mean 'epochs'? Allowed keys under train: batch_size, "),
+    ({"sites": {"A": {"rol": "source"}}}, "sites.A.rol",
+     "unknown key 'rol' (value 'source'). Did you mean 'role'? Allowed keys under sites.A: role."),
+    ({"stages": [{"name": "a", "optimiser": {}}]}, "stages.0.optimiser",
+     "unknown key 'optimiser' (value {}). Did you mean 'optimizer'? Allowed keys under stages.0: evaluation, "),
+    ({"modle": {"backbone": {"name": "resnet18"}}}, "modle",
+     "unknown key 'modle' (value {'backbone': {'name': 'resnet18'}}). Did you mean 'model'? "
+     "Allowed keys at the top level: data, "),
+])
+def test_unknown_key_suggests_closest(raw, key, expected):
+    with pytest.raises(ConfigError) as info:
+        study_from_dict({**MINIMAL, **raw})
+    problems = dict(info.value.problems)
+    assert problems[key].startswith(expected)
+
+
+def test_unknown_key_without_close_match():
+    with pytest.raises(ConfigError) as info:
+        study_from_dict({**MINIMAL, "output": {"zzzz": 1}})
+    text = dict(info.value.problems)["output.zzzz"]
+    assert text == "unknown key 'zzzz' (value 1). Allowed keys under output: dir, name."
