@@ -10,6 +10,7 @@ from __future__ import annotations
 from medtl._host import PluginHost, unknown_component_message
 from medtl.config import Study
 from medtl.errors import ConfigError
+from medtl.manifest import source_column
 
 __all__ = ["check_study", "study_problems"]
 
@@ -35,12 +36,24 @@ def _component_names(study: Study) -> list[tuple[str, str, str]]:
 
 
 def study_problems(study: Study, host: PluginHost) -> list[tuple[str, str]]:
-    """Return ``(key path, message)`` for each unknown component name and missing weights file."""
+    """Return ``(key path, message)`` for each unknown component name and missing weights file.
+
+    Component names come from the study and from the source column of a CSV manifest.
+    """
     problems = []
     for key, kind, name in _component_names(study):
         valid = host.components(kind)
         if name not in valid:
             problems.append((key, unknown_component_message(kind, name, valid)))
+
+    # A manifest's source column names source plugins too. Reading it reads no image.
+    manifest = study.resolve_path(study.data.manifest)
+    valid_sources = host.components("source")
+    for name, rows in source_column(manifest).items():
+        if name not in valid_sources:
+            where = f"row {rows[0]}" + (f" and {len(rows) - 1} more" if len(rows) > 1 else "")
+            problems.append(("data.manifest", f"{manifest}, source column, {where}: "
+                             + unknown_component_message("source", name, valid_sources)))
 
     weights = study.model.backbone.weights
     if weights:

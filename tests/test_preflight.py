@@ -72,3 +72,20 @@ def test_stage_name_checked_before_series(tmp_path):
     assert [key for key, _ in info.value.problems] == ["stages.1.strategy.name"]
     assert info.value.problems[0][1].startswith("unknown strategy 'coarl'. Did you mean 'coral'? Valid names: ")
     assert not (tmp_path / "runs").exists()
+
+
+def test_manifest_source_column_checked(tmp_path, capsys, no_work):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label,site,patient_id,source\n"
+                        "a.dcm,0,A,p1,dicm\nb.dcm,1,A,p2,dicm\nc.nii,1,A,p3,nifti\n")
+    study = tmp_path / "study.yaml"
+    study.write_text(f"data: {{manifest: manifest.csv}}\noutput: {{dir: {tmp_path / 'runs'}}}\n")
+
+    code = main(["run", str(study)])
+    err = capsys.readouterr().err
+
+    assert code == EXIT_CONFIG
+    assert not (tmp_path / "runs").exists()
+    assert (f"data.manifest: {manifest}, source column, row 2 and 1 more: unknown source 'dicm'. "
+            "Did you mean 'dicom'?") in err
+    assert "unknown source 'nifti'" not in err
