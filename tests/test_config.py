@@ -188,3 +188,16 @@ def test_unknown_key_without_close_match():
         study_from_dict({**MINIMAL, "output": {"zzzz": 1}})
     text = dict(info.value.problems)["output.zzzz"]
     assert text == "unknown key 'zzzz' (value 1). Allowed keys under output: dir, name."
+
+
+def test_tta_axis_beyond_spatial_dims_rejected():
+    with pytest.raises(ConfigError) as info:
+        study_from_dict({"data": {"manifest": "m.csv", "spatial_dims": 2}, "evaluation": {"tta_flip_axes": [0, 2]}})
+    assert "evaluation.tta_flip_axes" in str(info.value)
+    assert "[2]" in str(info.value)
+
+
+def test_tta_axes_must_be_distinct():
+    with pytest.raises(ConfigError) as info:
+        study_from_dict({**MINIMAL, "evaluation": {"tta_flip_axes": [1, 1]}})
+    assert "evaluation.tta_flip_axes" in str(info.value)
