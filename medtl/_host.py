@@ -29,6 +29,7 @@ __all__ = [
     "PluginOrigin",
     "get_host",
     "set_host",
+    "unknown_component_message",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ class PluginHost:
 
     Args:
         block: plugin names that are not registered. Builtins can be blocked too.
-            ``MEDTL_BLOCK_PLUGINS`` (comma-separated names) adds to this list.
+            ``MEDTL_BLOCK_PLUGINS`` (comma-separated names) adds to this list. A
+            name that matches no known plugin logs a warning (see :meth:`known_plugin_names`).
         allow: when set, only these plugin names are registered (an allow-list for
             vetted deployments); builtins must be listed as well.
         modules: local plugin modules, for one-off work without packaging: dotted
@@ -154,9 +156,12 @@ class PluginHost:
     failures: list[PluginFailure] = field(init=False, default_factory=list)
     origins: dict[str, PluginOrigin] = field(init=False, default_factory=dict)
     _registry: dict[str, dict[str, _Component]] | None = field(init=False, default=None)
+    _block_sources: dict[str, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         env_block = [n.strip() for n in os.environ.get("MEDTL_BLOCK_PLUGINS", "").split(",") if n.strip()]
+        self._block_sources = {name: "plugins.block" for name in self.block}
+        self._block_sources.update({name: "MEDTL_BLOCK_PLUGINS" for name in env_block})
         self.block = set(self.block) | set(env_block)
         self.allow = set(self.allow) if self.allow is not None else None
         self.modules = list(self.modules)
@@ -172,6 +177,7 @@ class PluginHost:
     # -- loading --------------------------------------------------------------
 
     def _load(self) -> None:
+        self._warn_unknown_blocked()
         for module_name in BUILTIN_PLUGINS:
             self._import_and_register(module_name, module_name, _medtl_origin())
         if self.entry_points:
@@ -194,6 +200,37 @@ class PluginHost:
                 raise
             # A duplicate component name: the error is raised again when a component
             # is requested, and `medtl plugins` reports it the same way.
+
+    def known_plugin_names(self) -> list[str]:
+        """List the plugin names that a block list can match, whether or not they are loaded.
+
+        These are the builtin modules, every entry point of the ``medtl`` group (loaded,
+        blocked or failed) and the local modules of ``modules``.
+        """
+        names = set(BUILTIN_PLUGINS)
+        names.update(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+        names.update(Path(spec).stem if spec.endswith(".py") else spec for spec in self.modules)
+        names.update(self.origins)
+        return sorted(names)
+
+    def _warn_unknown_blocked(self) -> None:
+        """Warn once per process about each blocked name that matches no known plugin.
+
+        It is a warning, not an error, because blocking a third-party plugin that is
+        not installed is harmless, but a misspelt name blocks nothing.
+        """
+        known = self.known_plugin_names()
+        for name in sorted(self.block - set(known)):
+            if name in _warned_block_names:
+                continue
+            _warned_block_names.add(name)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            logger.warning(
+                "%s names %r, which matches no known plugin, so it blocks nothing.%s Known plugins: %s. "
+                "If it is a third-party plugin that is not installed, nothing needs blocking and this "
+                "warning can be ignored.", self._block_sources.get(name, "the block list"), name, hint,
+                ", ".join(known))
 
     def _plugin_name(self, plugin: object) -> str:
         return self.pm.get_name(plugin) or repr(plugin)
@@ -463,12 +500,7 @@ class PluginHost:
         table = self.registry[kind]
         if name in table:
             return table[name]
-        valid = sorted(table)
-        close = difflib.get_close_matches(name, valid, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UnknownComponentError(
-            f"unknown {kind} {name!r}.{hint} Valid names: {', '.join(valid) or '(none registered)'}."
-        )
+        raise UnknownComponentError(unknown_component_message(kind, name, sorted(table)))
 
     def plugin_infos(self) -> list[dict[str, Any]]:
         """Describe every registered plugin and every load failure.
@@ -528,12 +560,23 @@ class _BrokenHook(Exception):
         self.error = error
 
 
+def unknown_component_message(kind: str, name: str, valid: Sequence[str]) -> str:
+    """Describe an unknown component name, with the closest valid name and all valid names."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {name!r}.{hint} Valid names: {', '.join(valid) or '(none registered)'}."
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise UnknownComponentError(f"unknown component kind {kind!r}. Valid kinds: {', '.join(KINDS)}.")
 
 
 _current: PluginHost | None = None
+
+#: Blocked names already warned about as unknown, so that each host built in this
+#: process (one per run or stage) does not repeat the warning.
+_warned_block_names: set[str] = set()
 
 
 def get_host() -> PluginHost:

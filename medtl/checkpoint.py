@@ -11,7 +11,6 @@ renamed into place, so a crash or a full disk never leaves a half-written
 from __future__ import annotations
 
 import logging
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 
 from medtl.errors import ConfigError, OutputError
 from medtl.runio import atomic_save
+from medtl.weights import load_tensors_only
 
 __all__ = ["CHECKPOINT_FORMAT", "capture_rng_state", "restore_rng_state", "save_checkpoint", "load_checkpoint"]
 
@@ -104,13 +104,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: {path}. The run has no complete checkpoint to resume from.")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise ConfigError(
-            f"{path}: cannot be loaded safely as a medtl checkpoint: {exc}. medtl loads only "
-            "tensors and plain values (torch.load with weights_only=True)."
-        ) from None
+    state = load_tensors_only(path, "a medtl checkpoint", "Resume only from checkpoints that medtl wrote.",
+                              map_location=map_location)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ConfigError(f"{path}: not a resumable medtl checkpoint (format {found!r}, "

@@ -24,10 +24,12 @@ logger = logging.getLogger("medtl")
 EXIT_CODES_HELP = """exit codes:
   0    success
   1    unexpected internal error (traceback in the run log)
-  2    invalid study file, --set override or command line
+  2    invalid study file, --set override or command line, including an unknown
+       component name or a missing weights file (checked before the run starts)
   3    invalid data: manifest problems, unreadable or missing images
   4    training failed (for example, the loss became NaN)
-  5    plugin error: a plugin failed to load in strict mode, or a duplicate or unknown component
+  5    plugin error: a plugin failed to load in strict mode, a duplicate component, or an
+       unknown component requested by a plugin or by code
   6    an output could not be written (disk full, no permission); earlier checkpoints are intact
   130  interrupted with Ctrl-C (SIGINT) or SIGTERM; continue with medtl run --resume RUN_DIR
 """

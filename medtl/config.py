@@ -8,11 +8,13 @@ typo never passes silently.
 from __future__ import annotations
 
 import copy
+import difflib
+import types
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, Literal, Mapping, Union, get_args, get_origin, overload
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from medtl.errors import ConfigError
 
@@ -22,6 +24,7 @@ __all__ = [
     "parse_override",
     "apply_overrides",
     "study_from_dict",
+    "override_note",
     "DEFAULT_STUDY",
 ]
 
@@ -247,6 +250,8 @@ class Study(_Section):
 
     #: folder of the study file; relative paths in it resolve against this folder
     base_dir: str = Field(".", exclude=True)
+    #: key path -> the ``--set key.path=value`` text that set it, filled by :func:`load_study`
+    _overrides: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("sites")
     @classmethod
@@ -289,34 +294,125 @@ class Study(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def override_note(self, key: str, text: str) -> str:
+        """Append to a problem's ``text`` which ``--set`` option set ``key``, if any (see :func:`override_note`)."""
+        return override_note(key, text, self._overrides)
+
 
 # ---------------------------------------------------------------------------
 # Loading and overrides
 # ---------------------------------------------------------------------------
 
 
-def _format_errors(exc: ValidationError) -> list[tuple[str, str]]:
+def override_note(key: str, text: str, overrides: Mapping[str, str]) -> str:
+    """Append to ``text`` a sentence that names the ``--set`` option behind a problem at ``key``.
+
+    ``overrides`` maps key paths to the ``--set`` text that set them. An option that
+    set ``key`` or a section above it supplied the value. An option that set a key
+    below ``key`` changed the section that a section-level check rejected. Without
+    such an option ``text`` is returned unchanged.
+    """
+    note = ""
+    for path, option in reversed(list(overrides.items())):
+        if key == path or key.startswith(path + "."):
+            note = f"The value came from --set {option!r}."
+            break
+    else:
+        for path, option in reversed(list(overrides.items())):
+            if path.startswith(key + "."):
+                note = f"--set {option!r} changed this section."
+                break
+    if not note:
+        return text
+    return f"{text} {note}" if text.endswith(".") else f"{text}. {note}"
+
+
+def _strip_optional(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        options = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(options) == 1:
+            return options[0]
+    return annotation
+
+
+def _section_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Return the schema class of the section at ``path`` (keys and list indexes), or None."""
+    node: Any = Study
+    for part in path:
+        node = _strip_optional(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(part))
+            if field is None:
+                return None
+            node = field.annotation
+        elif get_origin(node) in (dict, list):
+            # ``part`` is a mapping key (a site name) or a list index (a stage)
+            node = get_args(node)[-1]
+        else:
+            return None
+    node = _strip_optional(node)
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def _unknown_key_message(loc: tuple[Any, ...], value: Any) -> str:
+    """Describe an unknown key with its value, the closest allowed key and all allowed keys."""
+    key = str(loc[-1])
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    text = f"unknown key {key!r} (value {shown})."
+    section = _section_at(tuple(loc[:-1]))
+    if section is None:
+        return text + " Check the spelling against the study-file reference in README.md."
+    allowed = sorted(name for name in section.model_fields if name != "base_dir")
+    close = difflib.get_close_matches(key, allowed, n=1)
+    if close:
+        text += f" Did you mean {close[0]!r}?"
+    where = "under " + ".".join(str(p) for p in loc[:-1]) if len(loc) > 1 else "at the top level"
+    return f"{text} Allowed keys {where}: {', '.join(allowed)}."
+
+
+def _format_errors(exc: ValidationError, overrides: Mapping[str, str]) -> list[tuple[str, str]]:
     problems = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         received = err.get("input")
         text = err["msg"]
         if err["type"] == "extra_forbidden":
-            text = "unknown key; check the spelling against the study-file reference in README.md"
+            text = _unknown_key_message(err["loc"], received)
         elif not isinstance(received, dict):
             text = f"{text} (received {received!r})"
-        problems.append((key, text))
+        problems.append((key, override_note(key, text, overrides)))
     return problems
 
 
-def study_from_dict(raw: Any, base_dir: str | Path = ".", source: str = "study") -> Study:
-    """Validate a parsed study document."""
+def study_from_dict(raw: Any, base_dir: str | Path = ".", source: str = "study",
+                    overrides: Mapping[str, str] | None = None) -> Study:
+    """Validate a parsed study document.
+
+    Args:
+        raw: the parsed YAML document, with any ``--set`` overrides applied.
+        base_dir: the folder that relative paths resolve against.
+        source: what the document is, for messages, such as the study file's path.
+        overrides: key path -> the ``--set`` text that set it, so that a problem in
+            such a value names the option instead of only the study file.
+    """
+    overrides = dict(overrides or {})
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the study file must be a YAML mapping, got {type(raw).__name__}")
     try:
-        return Study.model_validate({**raw, "base_dir": str(base_dir)})
+        study = Study.model_validate({**raw, "base_dir": str(base_dir)})
     except ValidationError as exc:
-        raise ConfigError(f"{source}: invalid study file", _format_errors(exc)) from None
+        problems = _format_errors(exc, overrides)
+        from_options = sum(override_note(key, "", overrides) != "" for key, _ in problems)
+        if from_options == len(problems):
+            header = f"invalid --set override (study file {source})"
+        elif from_options:
+            header = f"{source}: invalid study file or --set override"
+        else:
+            header = f"{source}: invalid study file"
+        raise ConfigError(header, problems) from None
+    study._overrides = overrides
+    return study
 
 
 def read_study_dict(path: str | Path) -> dict[str, Any]:
@@ -345,8 +441,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     path = Path(path)
     raw = read_study_dict(path)
     raw = apply_overrides(raw, overrides or [])
+    set_by = {".".join(parse_override(text)[0]): text.strip() for text in overrides or []}
     # base_dir is absolute so that a run folder's saved study resolves from any directory.
-    return study_from_dict(raw, base_dir=path.resolve().parent, source=str(path))
+    return study_from_dict(raw, base_dir=path.resolve().parent, source=str(path), overrides=set_by)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -354,11 +451,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"invalid override {text!r}: expected key.path=value, for example train.epochs=3")
+        raise ConfigError(f"invalid override --set {text!r}: expected key.path=value, for example "
+                          "--set train.epochs=3")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid override {text!r}: the value is not valid YAML: {exc}") from None
+        problem = " ".join(str(exc).split())
+        raise ConfigError(f"invalid override --set {text!r}: the value is not valid YAML: {problem}") from None
     return key.split("."), parsed
 
 
@@ -374,7 +473,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 child = node[key] = {}
             if not isinstance(child, dict):
                 where = ".".join(keys[: depth + 1])
-                raise ConfigError(f"invalid override {text!r}: {where} is a value, not a section")
+                raise ConfigError(f"invalid override --set {text!r}: {where} is a value, not a section")
             node = child
         node[keys[-1]] = value
     return result

@@ -36,6 +36,7 @@ from medtl.errors import ConfigError, DataError, MedtlError, OutputError, RunInt
 from medtl.evaluation import Predictions, evaluation_from_predictions, predict_items, site_metrics
 from medtl.manifest import Manifest, assign_splits, load_manifest, split_summary, write_split_csv
 from medtl.model import Classifier
+from medtl.preflight import check_study
 from medtl.run import RunContext, attach_log_file, create_run_dir, versions, write_resolved_config
 from medtl.runio import atomic_write_json, atomic_write_text
 from medtl.selection import make_selection
@@ -718,11 +719,15 @@ def run_study(study: Study, host: PluginHost | None = None, resume: str | Path |
             should be the one that started the run (see :func:`medtl.run.load_run_study`).
 
     Raises:
+        ConfigError: before the run folder is created, for an unknown component
+            name or a missing weights file (see :func:`medtl.preflight.check_study`).
         MedtlError: for invalid configuration, data or a failed training, with a
             message that states what to fix. :class:`RunInterrupted` after SIGINT or
             SIGTERM, once a resumable checkpoint is saved.
     """
     host = host or build_host(study)
+    # Misspelt component names and missing weights files fail here, before any work.
+    check_study(study, host)
     previous = set_host(host)
     device = resolve_device(study.train.device)
     started_group = dist.init_process_group(device)

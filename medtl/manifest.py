@@ -21,7 +21,7 @@ from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 from medtl.errors import DataError
 
 __all__ = ["Manifest", "Row", "load_manifest", "assign_splits", "file_sha256", "split_csv_text",
-           "write_split_csv", "split_summary", "patients_in_several_splits"]
+           "write_split_csv", "split_summary", "patients_in_several_splits", "source_column"]
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +207,28 @@ def _mixed_split_problems(rows: list[Row]) -> list[str]:
             problems.append(f"rows {lines}: one patient_id has images in the splits {', '.join(splits)}; "
                             "all images of a patient must be in one split")
     return problems
+
+
+def source_column(path: str | Path) -> dict[str, list[int]]:
+    """Map each name in a CSV manifest's ``source`` column to its row numbers (the header is row 1).
+
+    Returns an empty dict for a ``.npz`` manifest, a CSV file without that column, or
+    a file that is missing or unreadable, which :func:`load_manifest` reports.
+    """
+    path = Path(path)
+    if path.suffix == ".npz" or not path.is_file():
+        return {}
+    try:
+        rows, columns = _read_csv(path)
+    except (DataError, OSError):
+        return {}
+    names: dict[str, list[int]] = {}
+    if "source" in columns:
+        for i, raw in enumerate(rows):
+            name = (raw.get("source") or "").strip()
+            if name:
+                names.setdefault(name, []).append(i + 2)
+    return names
 
 
 def _read_csv(path: Path) -> tuple[list[dict[str, str]], set[str]]:

@@ -27,7 +27,7 @@ from medtl.config import Study, study_from_dict
 from medtl.errors import ConfigError
 from medtl.runio import atomic_save, atomic_write_json
 
-__all__ = ["run_series", "stage_studies", "summarize", "format_summary", "SeriesResult", "is_series"]
+__all__ = ["run_series", "check_stages", "stage_studies", "summarize", "format_summary", "SeriesResult", "is_series"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,51 @@ def stage_studies(study: Study, seed: int, root: Path) -> list[tuple[str, str, d
     return result
 
 
+def _stage_key(stage: dict[str, Any] | None, key: str, index: int) -> str:
+    """Return the key path of ``key`` under ``stages.INDEX`` when that stage sets it, else ``key``."""
+    node: Any = stage
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return key
+    return f"stages.{index}.{key}"
+
+
+def check_stages(study: Study, plan: list[tuple[str, str, dict[str, Any]]], host: Any = None) -> None:
+    """Check the component names and weights file of every stage before the first one starts.
+
+    A problem in a value that a stage sets itself is reported under ``stages.N``.
+    The study's weights file is checked only where a stage starts from it.
+
+    Raises:
+        ConfigError: listing every unknown component name and the missing weights file.
+    """
+    from medtl.engine import build_host
+    from medtl.preflight import study_problems
+
+    host = host or build_host(study)
+    problems: list[tuple[str, str]] = []
+    for index, (name, init, raw) in enumerate(plan):
+        stage_study = study_from_dict(raw, base_dir=study.base_dir, source=f"stage {name!r}")
+        starts_from_study = init == "study" or (init == "previous" and index == 0)
+        stage = study.stages[index].model_dump(exclude_none=True) if study.stages else None
+        for key, text in study_problems(stage_study, host):
+            if key == "model.backbone.weights" and not starts_from_study:
+                continue
+            stage_key = _stage_key(stage, key, index)
+            if stage_key == key:
+                text = study.override_note(key, text)
+            problem = (stage_key, text)
+            if problem not in problems:
+                problems.append(problem)
+    if problems:
+        raise ConfigError(f"study {study.name!r} names unknown components or missing files, so nothing "
+                          "was run and no output folder was created:", problems)
+
+
 def _export_backbone(run_dir: Path) -> Path:
     """Write the backbone tensors of a run's best checkpoint to ``backbone.pt`` and return its path."""
     checkpoint = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
@@ -116,6 +161,8 @@ def run_series(study: Study, host: Any = None) -> SeriesResult:
     if root.exists():
         raise ConfigError(f"the output folder {root} exists already; set output.name to a new name")
     plans = {seed: stage_studies(study, seed, root) for seed in seeds}
+    # Seeds change nothing that the check reads, so the first seed's stages represent all seeds.
+    check_stages(study, plans[seeds[0]], host)
     root.mkdir(parents=True)
     logger.info("series folder: %s (%d seeds, %d stages each)", root, len(seeds), len(plans[seeds[0]]))
 

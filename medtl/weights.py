@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -34,6 +37,7 @@ from medtl.errors import ConfigError
 
 __all__ = [
     "read_state_dict",
+    "load_tensors_only",
     "load_backbone_weights",
     "adapt_input_channels",
     "map_keys",
@@ -67,20 +71,68 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return dict(load_file(str(path)))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        raise ConfigError(
-            f"{path}: cannot be loaded safely as weights: {exc}. medtl loads only tensors "
-            "(torch.load with weights_only=True); re-save the file as a plain state dict or safetensors."
-        ) from None
+        try:
+            return dict(load_file(str(path)))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError, reported in one line
+            logger.debug("reading %s with safetensors failed", path, exc_info=True)
+            raise ConfigError(f"{path}: not a valid .safetensors file ({type(exc).__name__}: "
+                              f"{_first_sentence(str(exc))}). Convert the weights again or pass a .pt "
+                              "or .pth state dict.") from None
+    obj = load_tensors_only(path, "weights", "Re-save only the tensors, for example with "
+                            "torch.save(model.state_dict(), path), or convert the file to .safetensors.")
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"{path}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: contains no state dict: expected a dict of tensors, found an object of "
+                          f"type {type(obj).__name__}. Save model.state_dict() instead of the whole object.")
+    other = next((key for key, value in obj.items() if not isinstance(value, torch.Tensor)), None)
+    if other is not None:
+        raise ConfigError(f"{path}: contains no state dict: expected a dict of tensors, but entry {other!r} "
+                          f"has type {type(obj[other]).__name__}. Save model.state_dict(), or a dict with the "
+                          "state dict under 'state_dict' or 'model'.")
     return obj
+
+
+#: The name of the object that weights-only unpickling rejects, in torch's message.
+_REJECTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _first_sentence(text: str) -> str:
+    sentence = text.strip().split("\n", 1)[0].split(". ", 1)[0]
+    return sentence if len(sentence) <= 160 else sentence[:157] + "..."
+
+
+def load_tensors_only(path: Path, purpose: str, remedy: str, map_location: str | torch.device = "cpu") -> Any:
+    """Read a torch file with ``weights_only=True`` and turn any failure into a one-line ConfigError.
+
+    The message names the file and states whether it contains pickled objects other
+    than tensors (then it ends with ``remedy``) or is no intact torch file at all.
+    torch's own message, several paragraphs long, is logged at DEBUG level only.
+
+    Args:
+        path: the file.
+        purpose: what the file should be, such as ``"weights"`` or ``"a medtl checkpoint"``.
+        remedy: the sentence that tells the user what to do about unsafe content.
+        map_location: passed to ``torch.load``.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {purpose}: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on foreign or damaged files
+        logger.debug("torch.load(%s, weights_only=True) failed", path, exc_info=True)
+        rejected = _REJECTED_GLOBAL.search(str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+        if rejected is not None:
+            raise ConfigError(
+                f"{path}: cannot be loaded safely as {purpose}: it contains a pickled {rejected.group(1)}, "
+                "and medtl loads only tensors and plain containers (torch.load with weights_only=True) "
+                f"because unpickling other objects can run code. {remedy}"
+            ) from None
+        raise ConfigError(
+            f"{path}: cannot be loaded as {purpose}: it is not a file written by torch.save, or it is truncated "
+            f"or corrupt (torch.load raised {type(exc).__name__}; run with -v to see torch's message)."
+        ) from None
 
 
 class LoadReport(dict):

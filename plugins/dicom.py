@@ -227,8 +227,20 @@ class DicomSource:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
         return self.scan_files(files)
 
-    def scan_files(self, files: list[Path]) -> tuple[list[SeriesInfo], dict[str, int]]:
-        """Group the image files among ``files`` by SeriesInstanceUID, as :meth:`scan_folder` does."""
+    def scan_files(self, files: list[Path], left_out: list[BadFileError] | None = None,
+                   ) -> tuple[list[SeriesInfo], dict[str, int]]:
+        """Group the image files among ``files`` by SeriesInstanceUID, as :meth:`scan_folder` does.
+
+        Args:
+            files: the files to scan.
+            left_out: when given, each file that joins no series is appended to it: a
+                :class:`SkippedFile` for a file that is not DICOM or contains no image, and a
+                :class:`BadFileError` for an unreadable header or an image object without
+                pixel data. An unreadable header is then recorded there instead of raised.
+
+        Raises:
+            BadFileError: a file's header cannot be read and ``left_out`` is None.
+        """
         import pydicom
         from pydicom.errors import InvalidDicomError
 
@@ -241,12 +253,23 @@ class DicomSource:
                 ds = pydicom.dcmread(path, defer_size="64 KB")
             except InvalidDicomError:
                 counts["not_dicom"] += 1
+                if left_out is not None:
+                    left_out.append(SkippedFile(str(path), "not a DICOM file (no DICM prefix)"))
                 continue
             except Exception as exc:  # noqa: BLE001 - truncated or corrupt headers raise many types
-                raise BadFileError(str(path), f"not a readable DICOM file: {type(exc).__name__}: "
-                                              f"{_scrub(str(exc), None)}") from None
+                error = BadFileError(str(path), f"not a readable DICOM file: {type(exc).__name__}: "
+                                                f"{_scrub(str(exc), None)}")
+                if left_out is None:
+                    raise error from None
+                left_out.append(error)
+                continue
             if not _has_pixels(ds):
                 counts["no_pixels"] += 1
+                if left_out is not None:
+                    try:
+                        _require_pixels(ds, path)
+                    except BadFileError as exc:  # SkippedFile is a BadFileError
+                        left_out.append(exc)
                 continue
             key = str(_get(ds, "SeriesInstanceUID", "") or "")
             info = groups.get(key)

@@ -73,7 +73,7 @@ def test_override_creates_sections():
 
 @pytest.mark.parametrize("text", ["train.epochs", "=3", "train..epochs=3"])
 def test_malformed_override_rejected(text):
-    with pytest.raises(ConfigError, match="invalid override"):
+    with pytest.raises(ConfigError, match="invalid override --set"):
         parse_override(text)
 
 
@@ -126,6 +126,68 @@ def test_binary_study_file_is_config_error(tmp_path: Path):
     path.write_bytes(b"data:\n\xff\xfe\x00binary")
     with pytest.raises(ConfigError, match="not a UTF-8 text file"):
         load_study(path)
+
+
+def _study_file(tmp_path: Path, text: str = "data: {manifest: m.csv}\n") -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_set_error_names_option(tmp_path):
+    path = _study_file(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_study(path, ["train.epochs=abc"])
+    message = str(info.value)
+    assert message.startswith(f"invalid --set override (study file {path})")
+    assert ("train.epochs: Input should be a valid integer, unable to parse string as an integer "
+            "(received 'abc'). The value came from --set 'train.epochs=abc'.") in message
+
+
+def test_set_section_error_names_option(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_study(_study_file(tmp_path), ["data.image_size=[3]"])
+    assert "--set 'data.image_size=[3]' changed this section." in str(info.value)
+
+
+def test_set_and_file_errors_kept_apart(tmp_path):
+    path = _study_file(tmp_path, "data: {manifest: m.csv}\ntrain: {epochs: 0}\n")
+    with pytest.raises(ConfigError) as info:
+        load_study(path, ["train.batch_size=x"])
+    problems = dict(info.value.problems)
+    assert str(info.value).startswith(f"{path}: invalid study file or --set override")
+    assert "--set" not in problems["train.epochs"]
+    assert problems["train.batch_size"].endswith("The value came from --set 'train.batch_size=x'.")
+
+
+def test_set_error_through_cli(tmp_path, capsys):
+    assert main(["run", str(_study_file(tmp_path)), "--set", "train.epochs=abc"]) == EXIT_CONFIG
+    assert "The value came from --set 'train.epochs=abc'." in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("raw, key, expected", [
+    ({"train": {"epocs": 3}}, "train.epocs",
+     "unknown key 'epocs' (value 3). Did you mean 'epochs'? Allowed keys under train: batch_size, "),
+    ({"sites": {"A": {"rol": "source"}}}, "sites.A.rol",
+     "unknown key 'rol' (value 'source'). Did you mean 'role'? Allowed keys under sites.A: role."),
+    ({"stages": [{"name": "a", "optimiser": {}}]}, "stages.0.optimiser",
+     "unknown key 'optimiser' (value {}). Did you mean 'optimizer'? Allowed keys under stages.0: evaluation, "),
+    ({"modle": {"backbone": {"name": "resnet18"}}}, "modle",
+     "unknown key 'modle' (value {'backbone': {'name': 'resnet18'}}). Did you mean 'model'? "
+     "Allowed keys at the top level: data, "),
+])
+def test_unknown_key_suggests_closest(raw, key, expected):
+    with pytest.raises(ConfigError) as info:
+        study_from_dict({**MINIMAL, **raw})
+    problems = dict(info.value.problems)
+    assert problems[key].startswith(expected)
+
+
+def test_unknown_key_without_close_match():
+    with pytest.raises(ConfigError) as info:
+        study_from_dict({**MINIMAL, "output": {"zzzz": 1}})
+    text = dict(info.value.problems)["output.zzzz"]
+    assert text == "unknown key 'zzzz' (value 1). Allowed keys under output: dir, name."
 
 
 def test_tta_axis_beyond_spatial_dims_rejected():

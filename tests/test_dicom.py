@@ -382,6 +382,52 @@ def test_inspect_reports_kinds(tmp_path, capsys):
     assert entries[2]["status"] == "failed"
 
 
+#: Distinctive header values that inspect must never print.
+_INSPECT_IDENTIFIERS = {"PatientName": "Zorblatt^Henrietta", "PatientID": "PIDQ-70315-X",
+                        "PatientBirthDate": "19320611", "InstitutionName": "Quillmere Infirmary"}
+
+
+def test_inspect_names_files_without_identifiers(tmp_path, capsys):
+    import json
+
+    from medtl.cli import main
+
+    folder = tmp_path / "scan"
+    write_series(folder / "ct", _volume(3), identifiers=_INSPECT_IDENTIFIERS)
+    save(make_dataset(np.full((6, 7), 100, dtype=np.uint16), sop_class=CR_IMAGE_STORAGE, modality="CR",
+                      orientation=None, identifiers=_INSPECT_IDENTIFIERS), folder / "xray.dcm")
+    save(make_dataset(None, sop_class=BASIC_TEXT_SR, modality="SR", identifiers=_INSPECT_IDENTIFIERS),
+         folder / "report.dcm")
+    header_cut = folder / "cut.dcm"
+    save(make_dataset(np.zeros((6, 7), dtype=np.uint16), identifiers=_INSPECT_IDENTIFIERS), header_cut)
+    header_cut.write_bytes(header_cut.read_bytes()[:200])
+    (folder / "notes.txt").write_text("not an image\n")
+
+    rc_json = main(["inspect", "--json", str(folder)])
+    entries = json.loads(capsys.readouterr().out)
+    rc_text = main(["inspect", str(folder)])
+    text = capsys.readouterr().out
+
+    assert rc_json == rc_text == 3  # the cut header fails
+    by_file = {tuple(e["files"]): e for e in entries}
+    assert by_file[("ct/slice000.dcm", "ct/slice001.dcm", "ct/slice002.dcm")]["status"] == "ok"
+    assert by_file[("ct/slice000.dcm", "ct/slice001.dcm", "ct/slice002.dcm")]["path"] == str(folder / "ct")
+    assert by_file[("xray.dcm",)]["status"] == "ok"
+    assert by_file[("xray.dcm",)]["path"] == str(folder / "xray.dcm")
+    assert by_file[("report.dcm",)]["status"] == "skipped"
+    assert "Basic Text SR Storage" in by_file[("report.dcm",)]["reason"]
+    assert by_file[("cut.dcm",)]["status"] == "failed"
+    assert by_file[("notes.txt",)]["reason"] == "neither DICOM nor NIfTI"
+    assert len(entries) == 5
+
+    for name in ("ct/slice000.dcm", "ct/slice002.dcm", "xray.dcm", "report.dcm", "cut.dcm", "notes.txt"):
+        assert name in text
+    printed = json.dumps(entries) + text
+    for value in _INSPECT_IDENTIFIERS.values():
+        for part in value.split("^"):
+            assert part not in printed
+
+
 def test_enhanced_frames_sorted_and_rescaled(tmp_path):
     from pydicom.dataset import Dataset
 

@@ -130,6 +130,51 @@ def test_block_by_environment(fake_distribution, monkeypatch):
     assert host.components("pooling") == ["fake-avg"]
 
 
+@pytest.fixture
+def host_warnings(monkeypatch):
+    """Collect the host's warnings on its own logger, because the CLI may stop medtl's from propagating."""
+    import medtl._host
+
+    monkeypatch.setattr(medtl._host, "_warned_block_names", set())
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    host_logger = logging.getLogger("medtl._host")
+    host_logger.addHandler(handler)
+    yield records
+    host_logger.removeHandler(handler)
+
+
+def test_block_typo_warns_with_known_names(fake_distribution, monkeypatch, host_warnings):
+    monkeypatch.setenv("MEDTL_BLOCK_PLUGINS", "brokn, broken, medtl_plugins.poolings")
+    host = PluginHost()
+    messages = [record.getMessage() for record in host_warnings]
+
+    assert host.failures == []
+    assert len(messages) == 1
+    assert messages[0].startswith("MEDTL_BLOCK_PLUGINS names 'brokn', which matches no known plugin, so it "
+                                  "blocks nothing. Did you mean 'broken'? Known plugins: ")
+    known = messages[0].split("Known plugins: ", 1)[1].split(". ", 1)[0].split(", ")
+    assert {"broken", "good", "medtl_plugins.poolings"} <= set(known)
+    assert messages[0].endswith("If it is a third-party plugin that is not installed, nothing needs "
+                                "blocking and this warning can be ignored.")
+
+
+def test_block_typo_warned_once(monkeypatch, host_warnings):
+    monkeypatch.setenv("MEDTL_BLOCK_PLUGINS", "medtl_plugins.sourcs")
+    PluginHost(entry_points=False)
+    PluginHost(entry_points=False, block=["medtl_plugins.sourcs"])
+    assert len(host_warnings) == 1
+    assert "Did you mean 'medtl_plugins.sources'?" in host_warnings[0].getMessage()
+
+
+def test_study_block_typo_names_key(tmp_path, monkeypatch, host_warnings):
+    monkeypatch.delenv("MEDTL_BLOCK_PLUGINS", raising=False)
+    build_host(load_study(_write_study(tmp_path, "plugins: {block: [medtl_plugins.dan]}\n")))
+    assert len(host_warnings) == 1
+    assert host_warnings[0].getMessage().startswith("plugins.block names 'medtl_plugins.dan'")
+
+
 def test_block_by_study_file(fake_distribution, tmp_path):
     study = _write_study(tmp_path, "plugins: {block: [broken, good], strict: true}\n")
     host = build_host(load_study(study))

@@ -182,3 +182,49 @@ def test_malicious_pickle_rejected_without_running(tmp_path: Path):
 def test_missing_file_is_config_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="weights file not found"):
         read_state_dict(tmp_path / "nope.pt")
+
+
+def _write_bad_weights(kind: str, path: Path) -> Path:
+    import argparse
+
+    if kind == "unsafe":
+        torch.save({"conv1.weight": torch.zeros(1), "args": argparse.Namespace(lr=0.1)}, path)
+    elif kind == "text":
+        path.write_text("these are not weights\n")
+    elif kind == "truncated":
+        torch.save({"conv1.weight": torch.zeros(64)}, path)
+        path.write_bytes(path.read_bytes()[:120])
+    elif kind == "list":
+        torch.save([torch.zeros(1)], path)
+    elif kind == "not-tensor":
+        torch.save({"conv1.weight": torch.zeros(1), "epoch": 3}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("unsafe", "cannot be loaded safely as weights: it contains a pickled argparse.Namespace, and medtl loads "
+               "only tensors and plain containers (torch.load with weights_only=True) because unpickling other "
+               "objects can run code. Re-save only the tensors"),
+    ("text", "cannot be loaded as weights: it is not a file written by torch.save, or it is truncated or "
+             "corrupt (torch.load raised "),
+    ("truncated", "cannot be loaded as weights: it is not a file written by torch.save"),
+    ("list", "contains no state dict: expected a dict of tensors, found an object of type list."),
+    ("not-tensor", "contains no state dict: expected a dict of tensors, but entry 'epoch' has type int."),
+])
+def test_weights_error_is_one_line(tmp_path: Path, kind: str, expected: str):
+    path = _write_bad_weights(kind, tmp_path / "weights.pt")
+    with pytest.raises(ConfigError) as info:
+        read_state_dict(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+    assert "\n" not in message
+    assert "PyTorch 2.6" not in message
+    assert len(message) < len(str(path)) + 400
+
+
+def test_weights_error_detail_logged_at_debug(tmp_path: Path, caplog):
+    path = _write_bad_weights("unsafe", tmp_path / "weights.pt")
+    with caplog.at_level(logging.DEBUG, logger="medtl.weights"), pytest.raises(ConfigError):
+        read_state_dict(path)
+    assert "Unsupported global" in caplog.text

@@ -7,21 +7,26 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "compare_command", "collect_comparison"]
+__all__ = ["register", "compare_command", "collect_comparison", "DEFAULT_OUT"]
+
+#: Output folder, relative to the current directory, when --out is not given.
+DEFAULT_OUT = "comparison"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "compare", help="put several runs (strategies, seeds, training sites) side by side",
-        description="Read each run's metrics.json and write one table, a train-site x test-site matrix and "
-                    "a report comparing them.",
+        description="Read each run's metrics.json, print one table, and write comparison.json (the table and "
+                    "a train-site x test-site matrix) and report.html to the --out folder, which is "
+                    f"./{DEFAULT_OUT} in the current directory by default.",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by `medtl run`")
     parser.add_argument("--metric", default="auc",
                         help="metric to compare: auc, accuracy, balanced_accuracy, sensitivity, specificity "
                              "or ece (default auc)")
-    parser.add_argument("--out", default="comparison", metavar="DIR",
-                        help="folder for comparison.json and report.html (default: ./comparison)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"folder for comparison.json and report.html, created if missing "
+                             f"(default: ./{DEFAULT_OUT} in the current directory)")
     parser.set_defaults(func=compare_command)
 
 
@@ -72,7 +77,7 @@ def compare_command(args: argparse.Namespace) -> int:
     if args.metric not in CORE_METRICS:
         raise ConfigError(f"--metric {args.metric!r} is not one of {', '.join(CORE_METRICS)}")
     comparison = collect_comparison([Path(d) for d in args.run_dirs], args.metric)
-    out = Path(args.out)
+    out = Path(args.out if args.out is not None else DEFAULT_OUT)
     atomic_write_json(out / "comparison.json", comparison)
     atomic_write_text(out / "report.html", render_comparison(comparison))
 
@@ -88,5 +93,7 @@ def compare_command(args: argparse.Namespace) -> int:
             cells.append(f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else text)
         print(f"{run['name']:<{width}}  {run['strategy']:<12}  {run['seed']:>4}  "
               + "  ".join(f"{c:>24}" for c in cells))
+    where = "" if args.out is not None else " (the default folder; set --out DIR to write elsewhere)"
+    print(f"wrote {out / 'comparison.json'} and {out / 'report.html'}{where}")
     print(f"report: {out / 'report.html'}")
     return 0

@@ -1,14 +1,16 @@
 """``medtl inspect PATH... [--json]``: report what the sources find in files and folders.
 
 Per file or series it prints the kind, shape, spacing, orientation and intensity
-range, or the reason for a skip or failure. It prints geometry and coding only:
-no patient name, ID, date or UID.
+range, or the reason for a skip or failure. Every file found in a folder is named by
+its path relative to that folder. It prints geometry and coding only: no patient
+name, ID, date or UID.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -86,41 +88,76 @@ def inspect_paths(paths: list[Path], options: dict[str, dict[str, Any]] | None =
 
 
 def _inspect_folder(folder: Path, dicom: Any, nifti: Any) -> list[dict[str, Any]]:
+    """Describe every file under ``folder``: NIfTI images, DICOM series, then the files left out.
+
+    Each entry's ``files`` lists its files relative to ``folder``. An entry's ``path`` is
+    the file itself, or for a series of several files the folder that contains them all.
+    """
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        return [{"path": str(folder), "series": None, "files": [], "status": "skipped",
+                 "reason": "the folder contains no files"}]
+
+    def relative(path: Path) -> str:
+        return path.relative_to(folder).as_posix()
+
     nifti_files = [p for p in files if source_name_for_path(p) == "nifti"]
-    entries = [_describe(p, None, lambda p=p: nifti.read(str(p))) for p in nifti_files]
+    entries = []
+    for path in nifti_files:
+        entry = _describe(path, None, lambda p=path: nifti.read(str(p)))
+        entries.append({**entry, "files": [relative(path)]})
+
     others = [p for p in files if p not in set(nifti_files)]
-    try:
-        series, counts = dicom.scan_files(others)
-    except BadFileError as exc:
-        return entries + [{"path": str(folder), "series": None, "status": "failed", "reason": exc.reason,
-                           "file": exc.path}]
+    left_out: list[BadFileError] = []
+    series, _ = dicom.scan_files(others, left_out=left_out)
     for info in series:
-        entries.append(_describe(folder, info.label, lambda i=info: dicom.read_series(i, folder)))
-    if counts["no_pixels"]:
-        entries.append({"path": str(folder), "series": None, "status": "skipped",
-                        "reason": f"{counts['no_pixels']} DICOM objects without pixel data"})
-    if counts["not_dicom"] and not series and not nifti_files:
-        entries.append({"path": str(folder), "series": None, "status": "skipped",
-                        "reason": f"{counts['not_dicom']} files are neither DICOM nor NIfTI"})
+        where = info.paths[0] if len(info.paths) == 1 else _common_folder(info.paths)
+        entry = _describe(where, info.label, lambda i=info: dicom.read_series(i, folder))
+        entries.append({**entry, "files": [relative(p) for p in info.paths]})
+
+    for error in left_out:
+        status = "skipped" if isinstance(error, SkippedFile) else "failed"
+        reason = error.reason
+        if status == "skipped" and reason.startswith("not a DICOM file"):
+            reason = "neither DICOM nor NIfTI"
+        entries.append({"path": error.path, "series": None, "files": [relative(Path(error.path))],
+                        "status": status, "reason": reason})
     return entries
 
 
+def _common_folder(paths: list[Path]) -> Path:
+    return Path(os.path.commonpath([str(p.parent) for p in paths]))
+
+
+def _format_files(files: list[str]) -> str:
+    if len(files) <= 3:
+        return ", ".join(files)
+    return f"{files[0]} .. {files[-1]} ({len(files)} files)"
+
+
 def _format(entry: dict[str, Any]) -> str:
-    where = entry["path"] + (f" [{entry['series']}]" if entry.get("series") else "")
+    files = entry.get("files") or []
+    several = len(files) > 1
+    # The series label is shown only for a series of several files, whose path is their folder.
+    where = entry["path"] + (f" [{entry['series']}]" if entry.get("series") and several else "")
     if entry["status"] != "ok":
-        return f"{where}: {entry['status'].upper()}: {entry['reason']}"
-    parts = [entry.get("kind") or "image", "x".join(str(s) for s in entry["shape"])]
-    if entry.get("spacing"):
-        parts.append("spacing " + "x".join(f"{s:.4g}" for s in entry["spacing"]) + " mm")
-    if entry.get("orientation"):
-        parts.append(f"orientation {entry['orientation']}")
-    if entry.get("range"):
-        parts.append(f"range {entry['range'][0]:.6g}..{entry['range'][1]:.6g}")
-    for key in ("modality", "photometric", "transfer_syntax"):
-        if entry.get(key):
-            parts.append(str(entry[key]))
-    line = f"{where}: " + ", ".join(parts)
+        line = f"{where}: {entry['status'].upper()}: {entry['reason']}"
+        if entry.get("file") and entry["file"] != entry["path"]:
+            line += f" (file {entry['file']})"
+    else:
+        parts = [entry.get("kind") or "image", "x".join(str(s) for s in entry["shape"])]
+        if entry.get("spacing"):
+            parts.append("spacing " + "x".join(f"{s:.4g}" for s in entry["spacing"]) + " mm")
+        if entry.get("orientation"):
+            parts.append(f"orientation {entry['orientation']}")
+        if entry.get("range"):
+            parts.append(f"range {entry['range'][0]:.6g}..{entry['range'][1]:.6g}")
+        for key in ("modality", "photometric", "transfer_syntax"):
+            if entry.get(key):
+                parts.append(str(entry[key]))
+        line = f"{where}: " + ", ".join(parts)
+    if several:
+        line += f"\n    files: {_format_files(files)}"
     for warning in entry.get("warnings", []):
         line += f"\n    warning: {warning}"
     return line
