@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtl.errors import ConfigError
+from medtl.orientation import check_axcodes
 
 __all__ = [
     "Study",
@@ -64,6 +65,14 @@ class DataConfig(_Section):
         "spacing_tolerance. nifti: orientation (RAS), volume, nan_policy (fail|zero|min). Each source "
         "validates its own options; see DicomOptions and NiftiOptions in medtl_plugins",
     )
+    orientation: str | None = Field(
+        "RAS", description="axis codes, such as RAS or LPS, that every image whose source reports an affine "
+        "(dicom, nifti) is reoriented to right after reading; a 2D image is treated as one slice. null keeps "
+        "each source's axis order: pydicom's pixel_array order for dicom, the orientation option for nifti. "
+        "DICOM radiographs without a patient frame are reoriented by their nominal frame (rows toward P, "
+        "columns toward L), so they come out transposed with both axes reversed; set null to keep the "
+        "display orientation of a DICOM-only radiograph study",
+    )
     intensity: Literal["minmax", "zscore", "none"] = "minmax"
     cache: bool = Field(True, description="keep decoded, preprocessed images on disk between runs")
     cache_dir: str | None = Field(
@@ -73,6 +82,11 @@ class DataConfig(_Section):
         "fail", description="fail on the first unreadable image, or skip it with one log line and count it "
         "in metrics.json and the report"
     )
+
+    @field_validator("orientation")
+    @classmethod
+    def _check_orientation(cls, value: str | None) -> str | None:
+        return None if value is None else check_axcodes(value)
 
     @model_validator(mode="after")
     def _check_size(self) -> "DataConfig":

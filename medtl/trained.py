@@ -50,6 +50,11 @@ def read_run_study(run_dir: Path) -> Study:
         raise ConfigError(f"{path}: the first line does not record base_dir "
                           "(expected '# Resolved study; base_dir: FOLDER')")
     raw = yaml.safe_load(text) or {}
+    data = raw.get("data")
+    if isinstance(data, dict) and "orientation" not in data:
+        # Runs written before data.orientation existed read every image in its source's
+        # axis order; the default (RAS) would feed their models reoriented images.
+        data["orientation"] = None
     return study_from_dict(raw, base_dir=match.group("base").strip(), source=str(path))
 
 
@@ -93,10 +98,15 @@ class TrainedRun:
         return load_samples(rows, manifest, self.study, self.sources, self.preprocessor, skipped=self.skipped)
 
     def read_raw(self, row: Row) -> np.ndarray:
-        """Read one image through its source plugin, before any preprocessing."""
+        """Read one image through its source plugin and reorient it to ``data.orientation``.
+
+        The rest of the preprocessing (channels, resizing, intensity) is left to
+        ``self.preprocessor``.
+        """
         self._add_sources([row])
-        array, _meta = self.sources[source_name_for(row)].read(row.path)
-        return np.asarray(array, dtype=np.float32)
+        array, meta = self.sources[source_name_for(row)].read(row.path)
+        array, _meta = self.preprocessor.reorient(np.asarray(array, dtype=np.float32), meta, row.path)
+        return array
 
     def _add_sources(self, rows: list[Row]) -> None:
         for name in sorted({source_name_for(r) for r in rows}):

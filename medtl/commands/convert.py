@@ -4,6 +4,12 @@ The output contains exactly the voxels and the affine that the ``dicom`` or ``ni
 source returns, so the command doubles as a way to check the readers with any
 NIfTI viewer. Spatial axes come first and channels, when there are several, are
 the fourth axis.
+
+The voxels keep the source's order (pydicom's ``pixel_array`` order for DICOM), so the
+``nifti`` source, which reorients to RAS by default, returns them in another order.
+A study reads both in the same order through ``data.orientation``; with
+``data.orientation: null`` and ``data.sources.nifti.orientation: null`` the file reads
+back in the source's order.
 """
 
 from __future__ import annotations
