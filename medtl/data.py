@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from medtl.config import Study
 from medtl.errors import BadFileError, DataError, SkippedFile
 from medtl.manifest import Manifest, Row
-from medtl.orientation import axcodes_of, reorient_image
+from medtl.orientation import reorient_source_output
 
 __all__ = ["SOURCE_BY_SUFFIX", "source_name_for", "Preprocessor", "load_samples", "make_loader",
            "InfiniteLoader", "SkipRecord", "AugmentedDataset", "EpochSampler", "ShardSampler"]
@@ -106,16 +106,11 @@ class Preprocessor:
                         "to keep the stored pixel order")
             self._nominal_frame_logged = True
         try:
-            out, new_affine, source_axes = reorient_image(array, affine, self.orientation)
+            return reorient_source_output(array, meta, self.orientation)
         except ValueError as exc:
             raise BadFileError(path, f"cannot reorient the image to data.orientation {self.orientation}: {exc}. "
                                "Fix the file's geometry, or set data.orientation: null to keep the source's "
                                "axis order") from None
-        meta = dict(meta, affine=new_affine, orientation=axcodes_of(new_affine), shape=tuple(out.shape))
-        spacing = meta.get("spacing")
-        if spacing is not None and len(spacing) == len(source_axes):
-            meta["spacing"] = tuple(spacing[axis] for axis in source_axes)
-        return out, meta
 
     def __call__(self, array: np.ndarray, path: str) -> torch.Tensor:
         array = self._fit_dims(array, path)

@@ -9,9 +9,11 @@ the third toward superior. DICOM's LPS patient frame is ``"LPS"`` in these codes
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-__all__ = ["check_axcodes", "reorient", "reorient_image", "axcodes_of"]
+__all__ = ["check_axcodes", "reorient", "reorient_image", "reorient_source_output", "axcodes_of"]
 
 _AXIS_PAIRS = ({"L", "R"}, {"A", "P"}, {"S", "I"})
 
@@ -94,8 +96,29 @@ def reorient_image(array: np.ndarray, affine: np.ndarray,
     if spatial == 2:
         slice_axis = int(transform[2, 0])
         out = np.squeeze(out, axis=slice_axis)
-        kept = [axis for axis in range(3) if axis != slice_axis]
-        new_affine = new_affine[:, [*kept, slice_axis, 3]]
-        source_axes = [source_axes[axis] for axis in kept]
+        in_plane_axes = [axis for axis in range(3) if axis != slice_axis]
+        new_affine = new_affine[:, [*in_plane_axes, slice_axis, 3]]
+        source_axes = [source_axes[axis] for axis in in_plane_axes]
     result = np.ascontiguousarray(np.moveaxis(out, -1, 0))
     return result, new_affine, tuple(source_axes)
+
+
+def reorient_source_output(array: np.ndarray, meta: dict[str, Any],
+                           codes: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Reorient a source's ``(array, meta)`` by ``meta["affine"]``, as :func:`reorient_image` does.
+
+    Returns the new array and a copy of ``meta`` with the affine, axis codes, shape and
+    spacing of the new array.
+
+    Raises:
+        ValueError: when ``meta`` has no affine, or as :func:`reorient_image` does.
+    """
+    affine = meta.get("affine")
+    if affine is None:
+        raise ValueError("the source reported no affine, so the orientation is unknown")
+    out, new_affine, source_axes = reorient_image(array, affine, codes)
+    new_meta = dict(meta, affine=new_affine, orientation=axcodes_of(new_affine), shape=tuple(out.shape))
+    spacing = meta.get("spacing")
+    if spacing is not None and len(spacing) == len(source_axes):
+        new_meta["spacing"] = tuple(spacing[axis] for axis in source_axes)
+    return out, new_meta

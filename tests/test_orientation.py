@@ -264,3 +264,21 @@ def test_sample_sites_share_orientation(tmp_path):
 def test_committed_sample_matches_generator():
     # Catches sample files written by an older generator, whose axes disagree with site A's.
     assert nib.aff2axcodes(nib.load(SAMPLE_NIFTI).affine) == ("L", "P", "S")
+
+
+def test_convert_orientation_option(tmp_path):
+    out = tmp_path / "ras.nii.gz"
+    assert main(["convert", "--orientation", "ras", str(SAMPLE_DICOM), str(out)]) == 0
+    expected, expected_meta = _read(SAMPLE_DICOM, _study(tmp_path))
+    img = nib.load(out)
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    assert _same_image(np.asarray(img.dataobj)[None], expected)
+    assert np.allclose(img.affine, expected_meta["affine"])
+
+
+def test_convert_invalid_orientation_rejected(tmp_path, capsys):
+    from medtl.errors import EXIT_CONFIG
+
+    assert main(["convert", "--orientation", "RRS", str(SAMPLE_DICOM), str(tmp_path / "x.nii.gz")]) == EXIT_CONFIG
+    assert "--orientation" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
