@@ -23,6 +23,7 @@ __all__ = [
     "parse_override",
     "apply_overrides",
     "study_from_dict",
+    "recorded_study_defaults",
     "DEFAULT_STUDY",
 ]
 
@@ -376,3 +377,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         node[keys[-1]] = value
     return result
+
+
+def recorded_study_defaults(raw: Any) -> Any:
+    """Fill in a run folder's recorded study the values its run used for options added since.
+
+    A run records every option of its time in config.yaml. An option added later would
+    otherwise take its current default when the run is resumed or evaluated.
+    """
+    data = raw.get("data") if isinstance(raw, dict) else None
+    if isinstance(data, dict) and "orientation" not in data:
+        # Before data.orientation existed, every image kept its source's axis order; the
+        # default (RAS) would feed the run's model reoriented images.
+        data["orientation"] = None
+    return raw

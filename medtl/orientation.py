@@ -81,11 +81,15 @@ def reorient_image(array: np.ndarray, affine: np.ndarray,
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError("the affine is singular (zero or parallel voxel axes), so the orientation is unknown")
 
+    current = nio.io_orientation(affine)
+    transform = nio.ornt_transform(current, nio.axcodes2ornt(tuple(codes)))
+    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+        # Already in order, as the nifti source's output is by default: no copy.
+        return array, affine, tuple(range(spatial))
+
     data = np.moveaxis(array, 0, -1)  # (*spatial, C)
     if spatial == 2:
         data = data[:, :, None, :]  # the slice axis, before the channels
-    current = nio.io_orientation(affine)
-    transform = nio.ornt_transform(current, nio.axcodes2ornt(tuple(codes)))
     out = nio.apply_orientation(data, transform)
     new_affine = affine @ nio.inv_ornt_aff(transform, data.shape[:3])
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from medtl._host import PluginHost, set_host
-from medtl.config import Study, study_from_dict
+from medtl.config import Study, recorded_study_defaults, study_from_dict
 from medtl.data import Preprocessor, SkipRecord, load_samples, make_loader, source_name_for
 from medtl.errors import ConfigError, DataError
 from medtl.evaluation import Predictions, PredictionSet, predict_items
@@ -49,12 +49,7 @@ def read_run_study(run_dir: Path) -> Study:
     if match is None:
         raise ConfigError(f"{path}: the first line does not record base_dir "
                           "(expected '# Resolved study; base_dir: FOLDER')")
-    raw = yaml.safe_load(text) or {}
-    data = raw.get("data")
-    if isinstance(data, dict) and "orientation" not in data:
-        # Runs written before data.orientation existed read every image in its source's
-        # axis order; the default (RAS) would feed their models reoriented images.
-        data["orientation"] = None
+    raw = recorded_study_defaults(yaml.safe_load(text) or {})
     return study_from_dict(raw, base_dir=match.group("base").strip(), source=str(path))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from medtl.config import study_from_dict  # noqa: E402
 from medtl.data import Preprocessor, load_samples  # noqa: E402
 from medtl.errors import BadFileError, ConfigError  # noqa: E402
 from medtl.manifest import load_manifest  # noqa: E402
-from medtl.run import write_resolved_config  # noqa: E402
+from medtl.run import load_run_study, write_resolved_config  # noqa: E402
 from medtl.trained import read_run_study  # noqa: E402
 from medtl_plugins.dicom import DicomSource  # noqa: E402
 from medtl_plugins.nifti import NiftiSource  # noqa: E402
@@ -133,6 +134,16 @@ def test_nominal_frame_reoriented_and_logged_once(tmp_path, caplog):
     assert sum("nominal frame" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_image_in_order_not_copied(tmp_path):
+    path = tmp_path / "ras.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.eye(4)), path)
+    array, meta = NiftiSource().read(str(path))
+    out, out_meta = Preprocessor(_study(tmp_path)).reorient(array, meta, str(path))
+    assert out is array
+    assert np.array_equal(out_meta["affine"], meta["affine"])
+    assert out_meta["orientation"] == "RAS"
+
+
 def test_null_orientation_keeps_source_order(tmp_path):
     pixels = _pixels()
     path = _axial_slice(tmp_path / "a.dcm", pixels)
@@ -181,13 +192,18 @@ def test_old_run_config_keeps_source_order(tmp_path):
     study = _study(tmp_path)
     new_run, old_run = tmp_path / "new", tmp_path / "old"
     for folder in (new_run, old_run):
-        folder.mkdir()
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "last.pt").write_bytes(b"")
+        (folder / "run.json").write_text(json.dumps({"status": "running", "base_dir": str(tmp_path)}))
         write_resolved_config(study, folder / "config.yaml")
     text = (old_run / "config.yaml").read_text()
     assert "  orientation: RAS\n" in text
     (old_run / "config.yaml").write_text(text.replace("  orientation: RAS\n", ""))
+    # Evaluation reads the study with read_run_study, --resume with load_run_study.
     assert read_run_study(new_run).data.orientation == "RAS"
     assert read_run_study(old_run).data.orientation is None
+    assert load_run_study(new_run).data.orientation == "RAS"
+    assert load_run_study(old_run).data.orientation is None
 
 
 # -- medtl convert round trip ---------------------------------------------------------
