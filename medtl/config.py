@@ -68,10 +68,10 @@ class DataConfig(_Section):
     )
     orientation: str | None = Field(
         "RAS", description="axis codes, such as RAS or LPS, that every image whose source reports an affine "
-        "(dicom, nifti) is reoriented to right after reading; a 2D image is treated as one slice. null keeps "
+        "(dicom, nifti) is reoriented to right after reading, a 2D image as one slice. null keeps "
         "each source's axis order: pydicom's pixel_array order for dicom, the orientation option for nifti. "
         "DICOM radiographs without a patient frame are reoriented by their nominal frame (rows toward P, "
-        "columns toward L), so they come out transposed with both axes reversed; set null to keep the "
+        "columns toward L), so they come out transposed with both axes reversed. Set null to keep the "
         "display orientation of a DICOM-only radiograph study",
     )
     intensity: Literal["minmax", "zscore", "none"] = "minmax"

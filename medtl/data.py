@@ -87,9 +87,9 @@ class Preprocessor:
     def reorient(self, array: np.ndarray, meta: dict[str, Any], path: str) -> tuple[np.ndarray, dict[str, Any]]:
         """Flip and permute the spatial axes of a source's output into ``data.orientation``.
 
-        Only images whose meta carries an ``affine`` are reoriented; others (npz
-        arrays, plugins without geometry) and every image under ``data.orientation:
-        null`` are returned unchanged. The returned meta is a copy with the affine,
+        Only images whose meta carries an ``affine`` are reoriented. Others (npz
+        arrays, plugins without geometry), and every image under ``data.orientation:
+        null``, are returned unchanged. The returned meta is a copy with the affine,
         axis codes, shape and spacing of the new array.
 
         Raises:

@@ -64,7 +64,8 @@ def reorient_image(array: np.ndarray, affine: np.ndarray,
 
     Returns:
         The reoriented array, its affine, and for each output spatial axis the input
-        spatial axis it comes from (2 for none: a 2D result never contains the slice axis).
+        spatial axis it comes from. For a 2D image these are 0 and 1, in some order,
+        because the slice axis is dropped.
 
     Raises:
         ValueError: when the array is not 2D or 3D, or the affine is not a finite 4x4
