@@ -179,6 +179,18 @@ class EvaluationConfig(_Section):
     metrics: list[str] = Field(default_factory=lambda: ["auc", "accuracy", "balanced_accuracy"])
     splits: list[str] = Field(default_factory=lambda: ["test"])
     bootstrap: int = Field(1000, ge=0, description="patient bootstrap resamples for confidence intervals; 0 disables")
+    tta_flip_axes: list[int] = Field(
+        default_factory=list, description="test-time augmentation: each spatial axis listed (0 is the first "
+        "spatial axis, so [0, 1] for a 2D study flips rows, then columns) adds a prediction on the image flipped "
+        "along it, and the class probabilities of all views are averaged. It applies to validation (and so "
+        "to checkpoint selection), to the test evaluation and to medtl evaluate")
+
+    @field_validator("tta_flip_axes")
+    @classmethod
+    def _check_flip_axes(cls, value: list[int]) -> list[int]:
+        if any(axis < 0 for axis in value) or len(set(value)) != len(value):
+            raise ValueError(f"must list distinct spatial axes counted from 0, got {value}")
+        return value
 
 
 class OutputConfig(_Section):
@@ -270,6 +282,10 @@ class Study(_Section):
                                  f"'study' or an earlier stage ({names[:i]})")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        too_large = [axis for axis in self.evaluation.tta_flip_axes if axis >= self.data.spatial_dims]
+        if too_large:
+            raise ValueError(f"evaluation.tta_flip_axes lists {too_large}, but a study with data.spatial_dims "
+                             f"{self.data.spatial_dims} has spatial axes 0 to {self.data.spatial_dims - 1}")
         return self
 
     @overload

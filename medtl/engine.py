@@ -455,7 +455,8 @@ class _Study:
 
     def _predict(self, loader: Any) -> Predictions:
         """Predict this rank's shard and gather every rank's, in item order."""
-        preds = predict_items(self.strategy, loader, self.device, self.autocast)
+        preds = predict_items(self.strategy, loader, self.device, self.autocast,
+                              tta_flip_axes=self.study.evaluation.tta_flip_axes)
         return _merge_shards(dist.all_gather_objects(dict(preds)))
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -30,8 +30,14 @@ class Predictions(dict):
 
 @torch.no_grad()
 def predict_items(strategy: Any, loader: Any, device: torch.device, autocast: Any = None,
-                  with_features: bool = False) -> Predictions:
-    """Run the strategy's predictions over a loader, in order."""
+                  with_features: bool = False, tta_flip_axes: list[int] | tuple[int, ...] = ()) -> Predictions:
+    """Run the strategy's predictions over a loader, in order.
+
+    With ``tta_flip_axes``, each listed spatial axis (0 is the first one after the
+    batch and channel axes) adds a prediction on the batch flipped along it, and the
+    returned probabilities are the mean over the original and flipped views.
+    Features, when requested, come from the original images only.
+    """
     strategy.eval()
     rows, sites, labels, probs, feats = [], [], [], [], []
     for batch in loader:
@@ -42,7 +48,11 @@ def predict_items(strategy: Any, loader: Any, device: torch.device, autocast: An
                 feats.append(f.float().cpu())
             else:
                 logits = strategy.predict(x)
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+            batch_probs = torch.softmax(logits.float(), dim=1)
+            for axis in tta_flip_axes:
+                flipped = strategy.predict(torch.flip(x, dims=[2 + axis]))
+                batch_probs = batch_probs + torch.softmax(flipped.float(), dim=1)
+        probs.append((batch_probs / (1 + len(tta_flip_axes))).cpu())
         rows.append(batch["row"])
         labels.append(batch["label"])
         sites.extend(batch["site"])

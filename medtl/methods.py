@@ -152,11 +152,20 @@ def _training_section(study: Any, metrics: dict[str, Any]) -> MethodsSection:
                     + (f" and gradient clipping at {t.grad_clip}" if t.grad_clip else "") + "."),
         MethodsItem("Model selection",
                     f"The checkpoint with the best validation {t.select_metric} was kept "
-                    f"(epoch {metrics.get('best_epoch', 'n/a')})."),
+                    f"(epoch {metrics.get('best_epoch', 'n/a')})."
+                    + _tta_sentence(study.evaluation.tta_flip_axes)),
         MethodsItem("Reproducibility",
                     f"Python, NumPy, PyTorch and MONAI were seeded with {study.seed}; the resolved "
                     "configuration is saved as config.yaml in the run folder."),
     ])
+
+
+def _tta_sentence(axes: list[int]) -> str:
+    if not axes:
+        return ""
+    names = ", ".join(f"spatial axis {axis}" for axis in axes)
+    return (f" Validation and test predictions average the class probabilities of each image and its "
+            f"copies flipped along {names} (test-time augmentation).")
 
 
 def _evaluation_section(metrics: dict[str, Any]) -> MethodsSection:

@@ -113,7 +113,8 @@ class TrainedRun:
     def predict(self, items: list[dict[str, Any]], with_features: bool = False) -> Predictions:
         """Predict class probabilities (and pooled features) for preprocessed items."""
         loader = make_loader(items, [], self.study.train.batch_size, False, 0, self.study.seed)
-        return predict_items(self.strategy, loader, self.device, None, with_features=with_features)
+        return predict_items(self.strategy, loader, self.device, None, with_features=with_features,
+                             tta_flip_axes=self.study.evaluation.tta_flip_axes)
 
     def prediction_set(self, preds: Predictions, manifest: Manifest, site: str, role: str,
                        split: str = "test") -> PredictionSet:

@@ -126,3 +126,16 @@ def test_binary_study_file_is_config_error(tmp_path: Path):
     path.write_bytes(b"data:\n\xff\xfe\x00binary")
     with pytest.raises(ConfigError, match="not a UTF-8 text file"):
         load_study(path)
+
+
+def test_tta_axis_beyond_spatial_dims_rejected():
+    with pytest.raises(ConfigError) as info:
+        study_from_dict({"data": {"manifest": "m.csv", "spatial_dims": 2}, "evaluation": {"tta_flip_axes": [0, 2]}})
+    assert "evaluation.tta_flip_axes" in str(info.value)
+    assert "[2]" in str(info.value)
+
+
+def test_tta_axes_must_be_distinct():
+    with pytest.raises(ConfigError) as info:
+        study_from_dict({**MINIMAL, "evaluation": {"tta_flip_axes": [1, 1]}})
+    assert "evaluation.tta_flip_axes" in str(info.value)

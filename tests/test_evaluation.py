@@ -152,3 +152,39 @@ def test_pooled_sites_keep_patients_apart():
     # Both sites number their patients 0..19; pooled, they are 40 patients.
     assert result["internal"]["n_patients"] == 40
     assert result["threshold"]["value"] == 0.5
+
+
+class _RowReader:
+    """A strategy whose class-1 logit is the image's first row minus its last, so flips change it."""
+
+    def eval(self) -> None:
+        pass
+
+    def predict(self, x):
+        import torch
+
+        score = x[:, 0, 0, :].sum(dim=1) - x[:, 0, -1, :].sum(dim=1)
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+def test_tta_averages_original_and_flipped_views():
+    import torch
+
+    from medtl.evaluation import predict_items
+
+    images = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 1, 3, 4) / 10
+    batch = {"image": images, "row": torch.tensor([0, 1]), "label": torch.tensor([0, 1]), "site": ["A", "A"]}
+    plain = predict_items(_RowReader(), [batch], torch.device("cpu"))
+    rows_flipped = predict_items(_RowReader(), [batch], torch.device("cpu"), tta_flip_axes=[0])
+    columns_flipped = predict_items(_RowReader(), [batch], torch.device("cpu"), tta_flip_axes=[1])
+
+    def softmax(score):
+        return torch.softmax(torch.stack([torch.zeros_like(score), score], dim=1), dim=1).numpy()
+
+    score = images[:, 0, 0, :].sum(dim=1) - images[:, 0, -1, :].sum(dim=1)
+    np.testing.assert_allclose(plain["probs"], softmax(score), rtol=1e-6)
+    # Flipping the rows negates the score, so the average of both views is 0.5 each.
+    np.testing.assert_allclose(rows_flipped["probs"], (softmax(score) + softmax(-score)) / 2, rtol=1e-6)
+    np.testing.assert_allclose(rows_flipped["probs"], 0.5, rtol=1e-6)
+    # Flipping the columns leaves row sums alone, so the average equals the plain prediction.
+    np.testing.assert_allclose(columns_flipped["probs"], plain["probs"], rtol=1e-6)
