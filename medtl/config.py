@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from medtl.errors import ConfigError
+from medtl.orientation import check_axcodes
 
 __all__ = [
     "Study",
@@ -25,6 +26,7 @@ __all__ = [
     "apply_overrides",
     "study_from_dict",
     "override_note",
+    "recorded_study_defaults",
     "DEFAULT_STUDY",
 ]
 
@@ -67,6 +69,14 @@ class DataConfig(_Section):
         "spacing_tolerance. nifti: orientation (RAS), volume, nan_policy (fail|zero|min). Each source "
         "validates its own options; see DicomOptions and NiftiOptions in medtl_plugins",
     )
+    orientation: str | None = Field(
+        "RAS", description="axis codes, such as RAS or LPS, that every image whose source reports an affine "
+        "(dicom, nifti) is reoriented to right after reading, a 2D image as one slice. null keeps "
+        "each source's axis order: pydicom's pixel_array order for dicom, the orientation option for nifti. "
+        "DICOM radiographs without a patient frame are reoriented by their nominal frame (rows toward P, "
+        "columns toward L), so they come out transposed with both axes reversed. Set null to keep the "
+        "display orientation of a DICOM-only radiograph study",
+    )
     intensity: Literal["minmax", "zscore", "none"] = "minmax"
     cache: bool = Field(True, description="keep decoded, preprocessed images on disk between runs")
     cache_dir: str | None = Field(
@@ -76,6 +86,11 @@ class DataConfig(_Section):
         "fail", description="fail on the first unreadable image, or skip it with one log line and count it "
         "in metrics.json and the report"
     )
+
+    @field_validator("orientation")
+    @classmethod
+    def _check_orientation(cls, value: str | None) -> str | None:
+        return None if value is None else check_axcodes(value)
 
     @model_validator(mode="after")
     def _check_size(self) -> "DataConfig":
@@ -477,3 +492,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         node[keys[-1]] = value
     return result
+
+
+def recorded_study_defaults(raw: Any) -> Any:
+    """Fill in a run folder's recorded study the values its run used for options added since.
+
+    A run records every option of its time in config.yaml. An option added later would
+    otherwise take its current default when the run is resumed or evaluated.
+    """
+    data = raw.get("data") if isinstance(raw, dict) else None
+    if isinstance(data, dict) and "orientation" not in data:
+        # Before data.orientation existed, every image kept its source's axis order; the
+        # default (RAS) would feed the run's model reoriented images.
+        data["orientation"] = None
+    return raw

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from medtl.config import Study
 from medtl.errors import BadFileError, DataError, SkippedFile
 from medtl.manifest import Manifest, Row
+from medtl.orientation import reorient_source_output
 
 __all__ = ["SOURCE_BY_SUFFIX", "source_name_for", "Preprocessor", "load_samples", "make_loader",
            "InfiniteLoader", "SkipRecord", "AugmentedDataset", "EpochSampler", "ShardSampler"]
@@ -58,10 +59,15 @@ class SkipRecord:
 
 
 class Preprocessor:
-    """The deterministic part of the pipeline: channels, spatial size, intensity."""
+    """The deterministic part of the pipeline: orientation, channels, spatial size, intensity.
+
+    :meth:`reorient` runs on each source read and :meth:`__call__` on its result.
+    """
 
     def __init__(self, study: Study):
         data = study.data
+        self.orientation = data.orientation
+        self._nominal_frame_logged = False
         self.spatial_dims = data.spatial_dims
         self.channels = data.channels
         self.image_size = tuple(data.image_size)
@@ -75,7 +81,36 @@ class Preprocessor:
 
     def describe(self) -> str:
         """Return a stable description of the chain, used in cache keys and the run record."""
-        return f"spatial_dims={self.spatial_dims};channels={self.channels};resize={self.image_size};intensity={type(self.intensity).__name__}"
+        return (f"orientation={self.orientation};spatial_dims={self.spatial_dims};channels={self.channels};"
+                f"resize={self.image_size};intensity={type(self.intensity).__name__}")
+
+    def reorient(self, array: np.ndarray, meta: dict[str, Any], path: str) -> tuple[np.ndarray, dict[str, Any]]:
+        """Flip and permute the spatial axes of a source's output into ``data.orientation``.
+
+        Only images whose meta carries an ``affine`` are reoriented. Others (npz
+        arrays, plugins without geometry), and every image under ``data.orientation:
+        null``, are returned unchanged. The returned meta is a copy with the affine,
+        axis codes, shape and spacing of the new array.
+
+        Raises:
+            BadFileError: when the image is not 2D or 3D or its affine is singular.
+        """
+        affine = meta.get("affine")
+        if self.orientation is None or affine is None:
+            return array, meta
+        if meta.get("patient_frame") is False and not self._nominal_frame_logged:
+            # Reoriented like the rest: the nominal frame is also the affine that
+            # `medtl convert` writes, so the image and its converted NIfTI file agree.
+            logger.info("images without a DICOM patient frame (projection radiographs) are reoriented by "
+                        "their nominal frame, rows toward P and columns toward L; set data.orientation: null "
+                        "to keep the stored pixel order")
+            self._nominal_frame_logged = True
+        try:
+            return reorient_source_output(array, meta, self.orientation)
+        except ValueError as exc:
+            raise BadFileError(path, f"cannot reorient the image to data.orientation {self.orientation}: {exc}. "
+                               "Fix the file's geometry, or set data.orientation: null to keep the source's "
+                               "axis order") from None
 
     def __call__(self, array: np.ndarray, path: str) -> torch.Tensor:
         array = self._fit_dims(array, path)
@@ -129,8 +164,9 @@ def load_samples(rows: list[Row], manifest: Manifest, study: Study, sources: dic
                 name = source_name_for(row)
                 if name not in sources:
                     raise DataError(f"row {row.index + 2}: source {name!r} is not loaded")
-                array, _meta = sources[name].read(row.path)
-                image = preprocessor(np.asarray(array), row.path)
+                array, meta = sources[name].read(row.path)
+                array, _meta = preprocessor.reorient(np.asarray(array), meta, row.path)
+                image = preprocessor(array, row.path)
                 if cache is not None:
                     cache.put(row, preprocessor, image)
         except BadFileError as exc:

@@ -55,9 +55,11 @@ class Source(Protocol):
 
     ``read`` returns a float32 array with the channel axis first, shaped
     ``(C, *spatial)``, and a metadata dict with at least ``spacing``, a tuple with
-    one positive float per spatial axis. A file that cannot be read raises
-    :class:`medtl.errors.BadFileError` naming the path; a readable file without an
-    image (a DICOM structured report, say) raises :class:`medtl.errors.SkippedFile`.
+    one positive float per spatial axis. An optional ``affine`` (4x4, voxel indices
+    to RAS millimetres as in nibabel) lets ``data.orientation`` reorient the image. A
+    file that cannot be read raises :class:`medtl.errors.BadFileError` naming the
+    path; a readable file without an image (a DICOM structured report, say) raises
+    :class:`medtl.errors.SkippedFile`.
     """
 
     def read(self, path: str) -> tuple[np.ndarray, dict[str, Any]]: ...

@@ -74,7 +74,7 @@ def load_run_study(run_dir: str | Path) -> Study:
     Raises:
         ConfigError: the folder is not a medtl run folder, or its run has already completed.
     """
-    from medtl.config import study_from_dict
+    from medtl.config import recorded_study_defaults, study_from_dict
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
@@ -92,7 +92,8 @@ def load_run_study(run_dir: str | Path) -> Study:
     if not (run_dir / "checkpoints" / "last.pt").is_file():
         raise ConfigError(f"{run_dir}: no complete checkpoint yet (checkpoints/last.pt is missing), because "
                           "the run stopped before its first epoch ended. Start the study again instead.")
-    return study_from_dict(raw, base_dir=record.get("base_dir", "."), source=str(config_path))
+    return study_from_dict(recorded_study_defaults(raw), base_dir=record.get("base_dir", "."),
+                           source=str(config_path))
 
 
 def write_resolved_config(study: Study, path: Path) -> None:

@@ -523,12 +523,25 @@ def _check_meta(meta: Any, case: str, spatial_dims: int, meta_keys: Sequence[str
     absent = [k for k in meta_keys if k not in meta]
     if absent:
         raise _fail(case, f"the metadata lacks {', '.join(absent)}")
+    _check_affine(meta.get("affine"), case)
     spacing = meta.get("spacing")
     if spacing is None:
         return
     values = list(spacing)
     if len(values) != spatial_dims or not all(math.isfinite(float(v)) and float(v) > 0 for v in values):
         raise _fail(case, f"spacing must hold {spatial_dims} positive numbers, got {spacing!r}")
+
+
+def _check_affine(affine: Any, case: str) -> None:
+    # data.orientation reorients every image by its affine, so a malformed one fails each read.
+    if affine is None:
+        return
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        raise _fail(case, f"meta['affine'] must be a finite 4x4 matrix, got shape {matrix.shape}")
+    if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
+        raise _fail(case, "meta['affine'] is singular (zero or parallel voxel axes), so data.orientation cannot "
+                          "reorient the image; leave 'affine' out when the geometry is unknown")
 
 
 def _expect_bad_file(reader: Any, path: str, file: str, case: str) -> None:

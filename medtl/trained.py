@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from medtl._host import PluginHost, set_host
-from medtl.config import Study, study_from_dict
+from medtl.config import Study, recorded_study_defaults, study_from_dict
 from medtl.data import Preprocessor, SkipRecord, load_samples, make_loader, source_name_for
 from medtl.errors import ConfigError, DataError
 from medtl.evaluation import Predictions, PredictionSet, predict_items
@@ -49,7 +49,7 @@ def read_run_study(run_dir: Path) -> Study:
     if match is None:
         raise ConfigError(f"{path}: the first line does not record base_dir "
                           "(expected '# Resolved study; base_dir: FOLDER')")
-    raw = yaml.safe_load(text) or {}
+    raw = recorded_study_defaults(yaml.safe_load(text) or {})
     return study_from_dict(raw, base_dir=match.group("base").strip(), source=str(path))
 
 
@@ -93,10 +93,15 @@ class TrainedRun:
         return load_samples(rows, manifest, self.study, self.sources, self.preprocessor, skipped=self.skipped)
 
     def read_raw(self, row: Row) -> np.ndarray:
-        """Read one image through its source plugin, before any preprocessing."""
+        """Read one image through its source plugin and reorient it to ``data.orientation``.
+
+        The rest of the preprocessing (channels, resizing, intensity) is left to
+        ``self.preprocessor``.
+        """
         self._add_sources([row])
-        array, _meta = self.sources[source_name_for(row)].read(row.path)
-        return np.asarray(array, dtype=np.float32)
+        array, meta = self.sources[source_name_for(row)].read(row.path)
+        array, _meta = self.preprocessor.reorient(np.asarray(array, dtype=np.float32), meta, row.path)
+        return array
 
     def _add_sources(self, rows: list[Row]) -> None:
         for name in sorted({source_name_for(r) for r in rows}):

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medtl.errors import BadFileError, ConfigError
+from medtl.orientation import check_axcodes, reorient
 
 __all__ = ["NiftiOptions", "NiftiSource", "reorient"]
 
@@ -41,25 +42,7 @@ class NiftiOptions(BaseModel):
     @field_validator("orientation")
     @classmethod
     def _check_orientation(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        value = value.upper()
-        pairs = [{"L", "R"}, {"A", "P"}, {"S", "I"}]
-        if len(value) != 3 or any(len({c for c in value if c in pair}) != 1 for pair in pairs):
-            raise ValueError(f"expected three axis codes, one of each of L/R, A/P and S/I, got {value!r}")
-        return value
-
-
-def reorient(data: np.ndarray, affine: np.ndarray, codes: str) -> tuple[np.ndarray, np.ndarray]:
-    """Flip and permute the first three axes of ``data`` to the axis codes; return data and affine."""
-    import nibabel.orientations as nio
-
-    current = nio.io_orientation(affine)
-    target = nio.axcodes2ornt(tuple(codes))
-    transform = nio.ornt_transform(current, target)
-    out = nio.apply_orientation(data, transform)
-    new_affine = affine @ nio.inv_ornt_aff(transform, data.shape[:3])
-    return out, new_affine
+        return None if value is None else check_axcodes(value)
 
 
 class NiftiSource:

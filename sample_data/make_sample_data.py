@@ -118,9 +118,12 @@ def _write_dicom(path: Path, pixels: np.ndarray, patient: str, index: int, seed:
 def _write_nifti(path: Path, pixels: np.ndarray) -> None:
     import nibabel as nib
 
-    # NIfTI stores the first array axis along x (the radiograph's columns), so the
-    # image is transposed. The affine records 2.5 mm pixels, a coarser detector than site A's.
-    affine = np.diag([2.5, 2.5, 2.5, 1.0])
+    # The file stores the radiograph's columns as its first axis, the fastest-varying
+    # one as in DICOM pixel data, so the pixels are transposed. The affine puts the image in the same patient frame as
+    # site A's DICOM files, which have no ImageOrientationPatient: the dicom source's
+    # nominal frame, columns toward the patient's left and rows toward posterior (both
+    # negative in RAS). With 2.5 mm pixels, a coarser detector than site A's.
+    affine = np.diag([-2.5, -2.5, 2.5, 1.0])
     img = nib.Nifti1Image(pixels.T[:, :, None].astype(np.float32), affine)
     img.header.set_xyzt_units("mm")
     nib.save(img, path)

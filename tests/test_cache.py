@@ -104,6 +104,20 @@ def test_changed_transform_or_option_invalidates(tmp_path):
     assert windowed.stats() == {"hits": 0, "misses": 4}
 
 
+def test_changed_orientation_invalidates(tmp_path):
+    _dataset(tmp_path)
+    manifest = load_manifest(tmp_path / "manifest.csv")
+    sources = {"dicom": DicomSource()}
+    ras_study, lps_study = _study(tmp_path), _study(tmp_path, orientation="LPS")
+    ras = load_samples(manifest.rows, manifest, ras_study, sources, Preprocessor(ras_study),
+                       cache=DiskCache(tmp_path / "cache", sources))
+    cache = DiskCache(tmp_path / "cache", sources)
+    lps = load_samples(manifest.rows, manifest, lps_study, sources, Preprocessor(lps_study), cache=cache)
+    assert cache.stats() == {"hits": 0, "misses": 4}
+    # The test images are axial, so LPS reverses both axes of the RAS image.
+    assert torch.equal(lps[1]["image"], torch.flip(ras[1]["image"], dims=(1, 2)))
+
+
 def test_unreadable_entry_decoded_again(tmp_path):
     _dataset(tmp_path, count=2)
     sources = {"dicom": DicomSource()}

@@ -113,6 +113,23 @@ class _NamelessErrorSource:
         raise BadFileError("an image", "cannot be read")
 
 
+class _FlatAffineSource:
+    """Source whose affine collapses the second voxel axis."""
+
+    def read(self, path):
+        if not path.endswith(".good"):
+            raise BadFileError(path, "not a .good file")
+        return np.zeros((1, 8, 8), dtype=np.float32), {"spacing": (1.0, 1.0),
+                                                        "affine": np.diag([1.0, 0.0, 1.0, 1.0])}
+
+
+def test_kit_rejects_singular_affine(tmp_path):
+    good = tmp_path / "ok.good"
+    good.write_bytes(b"")
+    with pytest.raises(ConformanceError, match="singular"):
+        check_source(_FlatAffineSource, [good], spatial_dims=2, suffix=".raw")
+
+
 def test_kit_rejects_wrong_out_channels():
     with pytest.raises(ConformanceError, match="declares 7"):
         check_backbone(_WrongChannels, spatial_dims=(2,))

@@ -4,6 +4,13 @@ The output contains exactly the voxels and the affine that the ``dicom`` or ``ni
 source returns, so the command doubles as a way to check the readers with any
 NIfTI viewer. Spatial axes come first and channels, when there are several, are
 the fourth axis.
+
+The voxels keep the source's order (pydicom's ``pixel_array`` order for DICOM), so the
+``nifti`` source, which reorients to RAS by default, returns them in another order.
+A study reads both in the same order through ``data.orientation``; with
+``data.orientation: null`` and ``data.sources.nifti.orientation: null`` the file reads
+back in the source's order. ``--orientation CODES`` writes the voxels reoriented as
+``data.orientation: CODES`` would give them to the model.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from medtl.errors import BadFileError, ConfigError, OutputError
+from medtl.orientation import check_axcodes, reorient_source_output
 
 __all__ = ["register", "convert_command", "read_input", "parse_options", "source_name_for_path"]
 
@@ -34,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                         help="source option, as under data.sources.NAME in a study, for example "
                         "--option series_number=3 (repeatable)")
+    parser.add_argument("--orientation", default=None, metavar="CODES",
+                        help="reorient the image to these axis codes, such as RAS or LPS, before writing it, as "
+                        "data.orientation does in a study (default: keep the source's voxel order)")
     parser.set_defaults(func=convert_command)
 
 
@@ -101,7 +112,14 @@ def convert_command(args: argparse.Namespace) -> int:
     *inputs, output = (Path(p) for p in args.paths)
     if not output.name.lower().endswith((".nii", ".nii.gz")):
         raise ConfigError(f"OUTPUT must end in .nii or .nii.gz, got {output.name!r}")
+    codes = _orientation_codes(args.orientation)
     array, meta = read_input(inputs, args.source, parse_options(args.options))
+    if codes is not None:
+        try:
+            array, meta = reorient_source_output(array, meta, codes)
+        except ValueError as exc:
+            raise BadFileError(str(inputs[0]), f"cannot reorient the image to --orientation {codes}: {exc}. "
+                               "Leave out --orientation to write the source's voxel order") from None
     import nibabel as nib
 
     try:
@@ -114,6 +132,15 @@ def convert_command(args: argparse.Namespace) -> int:
     print(f"wrote {output}: {meta.get('kind', 'image')} {shape} (channels first), "
           f"spacing {_format_spacing(meta.get('spacing'))} mm")
     return 0
+
+
+def _orientation_codes(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        return check_axcodes(text)
+    except ValueError as exc:
+        raise ConfigError(f"invalid --orientation {text!r}: {exc}") from None
 
 
 def _format_spacing(spacing: Any) -> str:
