@@ -220,7 +220,7 @@ class PluginHost:
         not installed is harmless, but a misspelt name blocks nothing.
         """
         known = self.known_plugin_names()
-        for name in sorted(self.block - set(known)):
+        for name in sorted(set(self.block) - set(known)):
             if name in _warned_block_names:
                 continue
             _warned_block_names.add(name)
