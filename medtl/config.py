@@ -70,12 +70,12 @@ class DataConfig(_Section):
         "validates its own options; see DicomOptions and NiftiOptions in medtl_plugins",
     )
     orientation: str | None = Field(
-        "RAS", description="axis codes, such as RAS or LPS, that every image whose source reports an affine "
-        "(dicom, nifti) is reoriented to right after reading, a 2D image as one slice. null keeps "
-        "each source's axis order: pydicom's pixel_array order for dicom, the orientation option for nifti. "
-        "DICOM radiographs without a patient frame are reoriented by their nominal frame (rows toward P, "
-        "columns toward L), so they come out transposed with both axes reversed. Set null to keep the "
-        "display orientation of a DICOM-only radiograph study",
+        "auto", description="axis codes, such as RAS or LPS, that every image whose source reports an affine "
+        "(dicom, nifti) is reoriented to right after reading, a 2D image as one slice. auto (the default) is "
+        "RAS for 3D studies and PLS for 2D studies: PLS is the row and column order of a DICOM image in its "
+        "(nominal) patient frame, so 2D DICOM images keep pydicom's pixel_array order, radiographs keep their "
+        "display orientation, and 2D NIfTI files are brought into that order. null keeps each source's axis "
+        "order: pydicom's pixel_array order for dicom, the orientation option for nifti",
     )
     intensity: Literal["minmax", "zscore", "none"] = "minmax"
     cache: bool = Field(True, description="keep decoded, preprocessed images on disk between runs")
@@ -90,7 +90,16 @@ class DataConfig(_Section):
     @field_validator("orientation")
     @classmethod
     def _check_orientation(cls, value: str | None) -> str | None:
-        return None if value is None else check_axcodes(value)
+        if value is None or value.lower() == "auto":
+            return None if value is None else "auto"
+        return check_axcodes(value)
+
+    @property
+    def orientation_codes(self) -> str | None:
+        """Return the axis codes that ``orientation`` stands for in this study, or None."""
+        if self.orientation == "auto":
+            return "RAS" if self.spatial_dims == 3 else "PLS"
+        return self.orientation
 
     @model_validator(mode="after")
     def _check_size(self) -> "DataConfig":
@@ -502,7 +511,7 @@ def recorded_study_defaults(raw: Any) -> Any:
     """
     data = raw.get("data") if isinstance(raw, dict) else None
     if isinstance(data, dict) and "orientation" not in data:
-        # Before data.orientation existed, every image kept its source's axis order; the
-        # default (RAS) would feed the run's model reoriented images.
+        # Before data.orientation existed, every image kept its source's axis order. The
+        # current default would feed the run's model reoriented images.
         data["orientation"] = None
     return raw

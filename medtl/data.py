@@ -66,7 +66,7 @@ class Preprocessor:
 
     def __init__(self, study: Study):
         data = study.data
-        self.orientation = data.orientation
+        self.orientation = data.orientation_codes
         self._nominal_frame_logged = False
         self.spatial_dims = data.spatial_dims
         self.channels = data.channels
@@ -98,12 +98,13 @@ class Preprocessor:
         affine = meta.get("affine")
         if self.orientation is None or affine is None:
             return array, meta
-        if meta.get("patient_frame") is False and not self._nominal_frame_logged:
+        if meta.get("patient_frame") is False and self.orientation != "PLS" and not self._nominal_frame_logged:
             # Reoriented like the rest: the nominal frame is also the affine that
             # `medtl convert` writes, so the image and its converted NIfTI file agree.
             logger.info("images without a DICOM patient frame (projection radiographs) are reoriented by "
-                        "their nominal frame, rows toward P and columns toward L; set data.orientation: null "
-                        "to keep the stored pixel order")
+                        "their nominal frame, rows toward P and columns toward L, to %s, so they leave their "
+                        "display orientation; data.orientation PLS (the default for 2D studies) or null "
+                        "keeps it", self.orientation)
             self._nominal_frame_logged = True
         try:
             return reorient_source_output(array, meta, self.orientation)

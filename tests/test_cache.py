@@ -108,7 +108,7 @@ def test_changed_orientation_invalidates(tmp_path):
     _dataset(tmp_path)
     manifest = load_manifest(tmp_path / "manifest.csv")
     sources = {"dicom": DicomSource()}
-    ras_study, lps_study = _study(tmp_path), _study(tmp_path, orientation="LPS")
+    ras_study, lps_study = _study(tmp_path, orientation="RAS"), _study(tmp_path, orientation="LPS")
     ras = load_samples(manifest.rows, manifest, ras_study, sources, Preprocessor(ras_study),
                        cache=DiskCache(tmp_path / "cache", sources))
     cache = DiskCache(tmp_path / "cache", sources)

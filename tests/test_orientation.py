@@ -87,7 +87,16 @@ def _load_both(tmp_path: Path, **data) -> list[torch.Tensor]:
 
 def test_dicom_and_nifti_same_anatomy_match(tmp_path):
     _mixed_sites(tmp_path)
-    dicom_image, nifti_image = _load_both(tmp_path)
+    dicom_image, nifti_image = _load_both(tmp_path, size=(6, 5))
+    # The default for a 2D study (PLS) keeps the DICOM slice in pixel_array order.
+    assert dicom_image.shape == (1, 6, 5)
+    assert torch.equal(dicom_image[0], torch.from_numpy(_pixels().astype(np.float32)))
+    assert torch.equal(dicom_image, nifti_image)
+
+
+def test_dicom_and_nifti_match_in_ras(tmp_path):
+    _mixed_sites(tmp_path)
+    dicom_image, nifti_image = _load_both(tmp_path, orientation="RAS")
     assert dicom_image.shape == (1, 5, 6)
     assert torch.equal(dicom_image, nifti_image)
 
@@ -102,7 +111,7 @@ def test_lps_orientation_matches_too(tmp_path):
     _mixed_sites(tmp_path)
     dicom_image, nifti_image = _load_both(tmp_path, orientation="LPS")
     assert torch.equal(dicom_image, nifti_image)
-    ras_image, _ = _load_both(tmp_path)
+    ras_image, _ = _load_both(tmp_path, orientation="RAS")
     assert torch.equal(dicom_image, torch.flip(ras_image, dims=(1, 2)))
 
 
@@ -112,7 +121,7 @@ def test_lps_orientation_matches_too(tmp_path):
 def test_axial_slice_to_ras(tmp_path):
     pixels = _pixels()
     path = _axial_slice(tmp_path / "a.dcm", pixels)
-    array, meta = _read(path, _study(tmp_path))
+    array, meta = _read(path, _study(tmp_path, orientation="RAS"))
     assert np.array_equal(array[0], pixels[::-1, ::-1].T)
     assert meta["orientation"] == "RAS"
     assert meta["shape"] == (1, 5, 6)
@@ -122,7 +131,7 @@ def test_nominal_frame_reoriented_and_logged_once(tmp_path, caplog):
     pixels = _pixels()
     path = save(make_dataset(pixels, sop_class=CR_IMAGE_STORAGE, modality="CR", orientation=None,
                              spacing=(0.5, 0.25)), tmp_path / "cr.dcm")
-    preprocessor = Preprocessor(_study(tmp_path))
+    preprocessor = Preprocessor(_study(tmp_path, orientation="RAS"))
     array, meta = DicomSource().read(str(path))
     assert meta["patient_frame"] is False
     with caplog.at_level(logging.INFO, logger="medtl.data"):
@@ -134,11 +143,23 @@ def test_nominal_frame_reoriented_and_logged_once(tmp_path, caplog):
     assert sum("nominal frame" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_radiograph_keeps_display_order_by_default(tmp_path, caplog):
+    pixels = _pixels()
+    path = save(make_dataset(pixels, sop_class=CR_IMAGE_STORAGE, modality="CR", orientation=None,
+                             spacing=(0.5, 0.25)), tmp_path / "cr.dcm")
+    array, meta = DicomSource().read(str(path))
+    with caplog.at_level(logging.INFO, logger="medtl.data"):
+        out, out_meta = Preprocessor(_study(tmp_path)).reorient(array, meta, str(path))
+    assert np.array_equal(out[0], pixels)
+    assert out_meta["orientation"] == "PLS"
+    assert not any("nominal frame" in r.getMessage() for r in caplog.records)
+
+
 def test_image_in_order_not_copied(tmp_path):
     path = tmp_path / "ras.nii.gz"
     nib.save(nib.Nifti1Image(np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.eye(4)), path)
     array, meta = NiftiSource().read(str(path))
-    out, out_meta = Preprocessor(_study(tmp_path)).reorient(array, meta, str(path))
+    out, out_meta = Preprocessor(_study(tmp_path, orientation="RAS")).reorient(array, meta, str(path))
     assert out is array
     assert np.array_equal(out_meta["affine"], meta["affine"])
     assert out_meta["orientation"] == "RAS"
@@ -169,18 +190,23 @@ def test_singular_affine_rejected(tmp_path):
 
 
 def test_orientation_in_description(tmp_path):
-    ras = Preprocessor(_study(tmp_path)).describe()
+    ras = Preprocessor(_study(tmp_path, orientation="RAS")).describe()
     lps = Preprocessor(_study(tmp_path, orientation="LPS")).describe()
     null = Preprocessor(_study(tmp_path, orientation=None)).describe()
-    assert len({ras, lps, null}) == 3
+    auto = Preprocessor(_study(tmp_path)).describe()
+    assert len({ras, lps, null, auto}) == 4
     assert "orientation=RAS" in ras
+    assert "orientation=PLS" in auto
 
 
 # -- the study file -------------------------------------------------------------
 
 
 def test_orientation_option_validated(tmp_path):
-    assert _study(tmp_path).data.orientation == "RAS"
+    assert _study(tmp_path).data.orientation == "auto"
+    assert _study(tmp_path).data.orientation_codes == "PLS"
+    assert _study(tmp_path, size=(4, 5, 6), spatial_dims=3).data.orientation_codes == "RAS"
+    assert _study(tmp_path, orientation="AUTO").data.orientation == "auto"
     assert _study(tmp_path, orientation="lps").data.orientation == "LPS"
     assert _study(tmp_path, orientation=None).data.orientation is None
     with pytest.raises(ConfigError, match="data.orientation") as info:
@@ -197,12 +223,12 @@ def test_old_run_config_keeps_source_order(tmp_path):
         (folder / "run.json").write_text(json.dumps({"status": "running", "base_dir": str(tmp_path)}))
         write_resolved_config(study, folder / "config.yaml")
     text = (old_run / "config.yaml").read_text()
-    assert "  orientation: RAS\n" in text
-    (old_run / "config.yaml").write_text(text.replace("  orientation: RAS\n", ""))
+    assert "  orientation: auto\n" in text
+    (old_run / "config.yaml").write_text(text.replace("  orientation: auto\n", ""))
     # Evaluation reads the study with read_run_study, --resume with load_run_study.
-    assert read_run_study(new_run).data.orientation == "RAS"
+    assert read_run_study(new_run).data.orientation == "auto"
     assert read_run_study(old_run).data.orientation is None
-    assert load_run_study(new_run).data.orientation == "RAS"
+    assert load_run_study(new_run).data.orientation == "auto"
     assert load_run_study(old_run).data.orientation is None
 
 
@@ -274,7 +300,7 @@ def test_sample_sites_share_orientation(tmp_path):
     site_a, meta_a = _read(tmp_path / "a.dcm", study)
     site_b, meta_b = _read(tmp_path / "b.nii.gz", study)
     assert _same_image(site_b, site_a)
-    assert meta_a["orientation"] == meta_b["orientation"] == "RAS"
+    assert meta_a["orientation"] == meta_b["orientation"] == "PLS"
 
 
 def test_committed_sample_matches_generator():
@@ -285,7 +311,7 @@ def test_committed_sample_matches_generator():
 def test_convert_orientation_option(tmp_path):
     out = tmp_path / "ras.nii.gz"
     assert main(["convert", "--orientation", "ras", str(SAMPLE_DICOM), str(out)]) == 0
-    expected, expected_meta = _read(SAMPLE_DICOM, _study(tmp_path))
+    expected, expected_meta = _read(SAMPLE_DICOM, _study(tmp_path, orientation="RAS"))
     img = nib.load(out)
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
     assert _same_image(np.asarray(img.dataobj)[None], expected)
