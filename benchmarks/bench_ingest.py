@@ -122,7 +122,9 @@ def bench_cache(root: Path, images: int, size: int, repeats: int) -> dict:
         start = time.perf_counter()
         load_samples(manifest.rows, manifest, study, sources, preprocessor, cache=DiskCache(cache_dir, sources))
         cold_times.append(time.perf_counter() - start)
-        warm = DiskCache(cache_dir, sources)  # a new process would start with an empty key memo too
+        # A new DiskCache, as in a new process: an empty key memo, and the digest index
+        # that the cold epoch saved in the cache folder.
+        warm = DiskCache(cache_dir, sources)
         start = time.perf_counter()
         load_samples(manifest.rows, manifest, study, sources, preprocessor, cache=warm)
         warm_times.append(time.perf_counter() - start)

@@ -11,11 +11,20 @@ So a changed file, source option or transform gives a new key, and the old entry
 simply no longer used. File names are hex digests and contain no path, patient ID or
 DICOM value. Entries are written to a temporary file and renamed, so two runs that
 share a cache folder never read a half-written entry.
+
+Hashing the image files is most of the cost of a warm epoch, so ``digests.json`` in the
+cache folder remembers each file's content digest together with its size, modification
+time, change time and inode. A later run reads a file again only when one of these has
+changed, the test that git and DVC use to skip unchanged files. Writing to a file always
+updates its change time, which programs cannot set back, so a rewritten file is hashed
+again even when its size and modification time were restored. The index is keyed by
+hashes of the paths and holds no path.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -25,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DiskCache", "content_digest", "open_cache"]
+__all__ = ["DigestIndex", "DiskCache", "content_digest", "open_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +50,70 @@ def _file_digest(path: Path) -> bytes:
     return digest.digest()
 
 
-def content_digest(path: str | Path) -> str:
-    """Hash the contents of a file, or of every file under a folder with their relative names."""
+def content_digest(path: str | Path, file_digest: Any = _file_digest) -> str:
+    """Hash the contents of a file, or of every file under a folder with their relative names.
+
+    ``file_digest`` returns the SHA-256 digest of one file's bytes; :class:`DiskCache`
+    passes its digest index here.
+    """
     path = Path(path)
     if path.is_dir():
         digest = hashlib.sha256(b"folder")
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
-            digest.update(_file_digest(file))
+            digest.update(file_digest(file))
         return digest.hexdigest()
-    return hashlib.sha256(b"file" + _file_digest(path)).hexdigest()
+    return hashlib.sha256(b"file" + file_digest(path)).hexdigest()
+
+
+class DigestIndex:
+    """File content digests remembered by each file's path and stat signature.
+
+    Args:
+        path: the JSON file that keeps the index between runs.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.hashed = 0  # files read and hashed by this process
+        self._dirty = False
+        self._entries: dict[str, str] = {}
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring the unreadable digest index %s (%s); files are hashed again", path, exc)
+            return
+        if isinstance(loaded, dict) and all(isinstance(v, str) for v in loaded.values()):
+            self._entries = loaded
+
+    def __call__(self, path: Path) -> bytes:
+        """Return the SHA-256 digest of a file's bytes, from the index when the file is unchanged."""
+        st = os.stat(path)
+        signature = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+        key = hashlib.sha256(signature.encode("utf-8", "surrogateescape")).hexdigest()
+        known = self._entries.get(key)
+        if known is not None:
+            return bytes.fromhex(known)
+        digest = _file_digest(path)
+        self.hashed += 1
+        self._entries[key] = digest.hex()
+        self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        """Write the index if it gained entries, atomically; a failure only logs a warning."""
+        if not self._dirty:
+            return
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(self._entries, fh)
+            os.replace(tmp, self.path)
+            self._dirty = False
+        except OSError as exc:
+            logger.warning("could not write the digest index %s: %s", self.path, exc)
 
 
 class DiskCache:
@@ -73,6 +136,7 @@ class DiskCache:
         self.misses = 0
         # Keys of rows already hashed in this process, so that a file is hashed once per run.
         self._keys: dict[tuple[int, str], str | None] = {}
+        self.digests = DigestIndex(self.root / "digests.json")
 
     def key(self, row: Any, preprocessor: Any) -> str | None:
         """Return the entry key of a row, or None when the row is not cached."""
@@ -90,7 +154,8 @@ class DiskCache:
             # of its options does not invalidate its entries.
             options = describe() if callable(describe) else type(source).__qualname__
             digest = hashlib.sha256()
-            for part in (CACHE_FORMAT, content_digest(row.path), name, options, preprocessor.describe()):
+            for part in (CACHE_FORMAT, content_digest(row.path, self.digests), name, options,
+                         preprocessor.describe()):
                 digest.update(part.encode("utf-8") + b"\0")
             key = digest.hexdigest()
         self._keys[memo] = key
@@ -136,6 +201,10 @@ class DiskCache:
     def stats(self) -> dict[str, Any]:
         """Return the hit and miss counts of this run."""
         return {"hits": self.hits, "misses": self.misses}
+
+    def flush(self) -> None:
+        """Save the digest index, so that the next run reads unchanged files no more."""
+        self.digests.save()
 
 
 def open_cache(study: Any, sources: dict[str, Any]) -> DiskCache | None:

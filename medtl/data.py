@@ -181,6 +181,9 @@ def load_samples(rows: list[Row], manifest: Manifest, study: Study, sources: dic
                                "set data.on_bad_file: skip to leave such files out)") from exc
         label = manifest.label_index(row.label) if row.label is not None else -1
         items.append({"image": image, "label": label, "row": row.index, "site": row.site})
+    flush = getattr(cache, "flush", None)
+    if callable(flush):
+        flush()
     return items
 
 

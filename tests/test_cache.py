@@ -61,7 +61,8 @@ def test_warm_load_equals_cold(tmp_path):
 def test_entry_names_are_digests(tmp_path):
     _dataset(tmp_path)
     _load(tmp_path, DiskCache(tmp_path / "cache", {"dicom": DicomSource()}))
-    names = [p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    names = [p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").rglob("*")
+             if p.is_file() and p.name != "digests.json"]
     assert len(names) == 4
     for name in names:
         assert re.fullmatch(r"[0-9a-f]{2}/[0-9a-f]{64}\.npy", name), name
@@ -138,3 +139,51 @@ def test_npz_rows_bypass_cache(tmp_path):
     cache = DiskCache(tmp_path / "cache", {"npz": NpzSource()})
     row = Row(0, f"{tmp_path / 'tiny.npz'}#train/0", "0", "A", "p", "train", "npz")
     assert cache.key(row, Preprocessor(_study(tmp_path))) is None
+
+
+def test_unchanged_files_not_hashed_again(tmp_path):
+    _dataset(tmp_path)
+    sources = {"dicom": DicomSource()}
+    cold = DiskCache(tmp_path / "cache", sources)
+    _load(tmp_path, cold)
+    assert cold.digests.hashed == 4
+    warm = DiskCache(tmp_path / "cache", sources)
+    _load(tmp_path, warm)
+    assert warm.digests.hashed == 0
+    assert warm.stats() == {"hits": 4, "misses": 0}
+    index_text = (tmp_path / "cache" / "digests.json").read_text()
+    assert "img0" not in index_text
+    assert str(tmp_path) not in index_text
+
+
+def test_rewritten_file_hashed_again_despite_same_stat_times(tmp_path):
+    import os
+
+    _dataset(tmp_path)
+    sources = {"dicom": DicomSource()}
+    _load(tmp_path, DiskCache(tmp_path / "cache", sources))
+    # Same size and modification time, other pixels: only the change time reveals the write.
+    path = tmp_path / "img1.dcm"
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    assert path.stat().st_mtime_ns == before.st_mtime_ns
+    cache = DiskCache(tmp_path / "cache", sources)
+    _load(tmp_path, cache)
+    assert cache.digests.hashed == 1
+    assert cache.stats() == {"hits": 3, "misses": 1}
+
+
+def test_unreadable_digest_index_ignored(tmp_path, caplog):
+    _dataset(tmp_path, count=2)
+    sources = {"dicom": DicomSource()}
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "digests.json").write_text("{not json")
+    cache = DiskCache(tmp_path / "cache", sources)
+    assert "digest index" in caplog.text
+    _load(tmp_path, cache)
+    assert cache.digests.hashed == 2
+    assert DiskCache(tmp_path / "cache", sources).digests.hashed == 0
