@@ -18,7 +18,7 @@ time, change time and inode. A later run reads a file again only when one of the
 changed, the test that git and DVC use to skip unchanged files. Writing to a file always
 updates its change time, which programs cannot set back, so a rewritten file is hashed
 again even when its size and modification time were restored. The index is keyed by
-hashes of the paths and holds no path.
+hashes of the paths and contains no path.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _file_digest(path: Path) -> bytes:
 def content_digest(path: str | Path, file_digest: Any = _file_digest) -> str:
     """Hash the contents of a file, or of every file under a folder with their relative names.
 
-    ``file_digest`` returns the SHA-256 digest of one file's bytes; :class:`DiskCache`
+    ``file_digest`` returns the SHA-256 digest of one file's bytes. :class:`DiskCache`
     passes its digest index here.
     """
     path = Path(path)
@@ -103,7 +103,7 @@ class DigestIndex:
         return digest
 
     def save(self) -> None:
-        """Write the index if it gained entries, atomically; a failure only logs a warning."""
+        """Write the index atomically if it gained entries. A failure only logs a warning."""
         if not self._dirty:
             return
         try:
@@ -203,7 +203,7 @@ class DiskCache:
         return {"hits": self.hits, "misses": self.misses}
 
     def flush(self) -> None:
-        """Save the digest index, so that the next run reads unchanged files no more."""
+        """Save the digest index, so that the next run skips reading unchanged files."""
         self.digests.save()
 
 
