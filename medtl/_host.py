@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import pluggy
 
 from medtl import hookspecs
-from medtl.errors import PluginError, UnknownComponentError
+from medtl.errors import ConfigError, PluginError, UnknownComponentError
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -65,6 +65,16 @@ KINDS: dict[str, str] = {
     "strategy": "medtl_register_strategies",
     "metric": "medtl_register_metrics",
     "validator": "medtl_register_validators",
+}
+
+#: Component kind -> the study keys that hold its options, for error messages.
+_OPTIONS_KEYS: dict[str, str] = {
+    "source": "data.sources.{name}",
+    "transform": "transforms.options",
+    "backbone": "model.backbone.options",
+    "pooling": "model.pooling.options",
+    "strategy": "strategy.options",
+    "validator": "train.select_options",
 }
 
 
@@ -492,8 +502,14 @@ class PluginHost:
         factory = self.factory(kind, name)
         try:
             return factory(**options)
+        except ConfigError:
+            raise
         except TypeError as exc:
             raise UnknownComponentError(f"invalid options for {kind} {name!r}: {exc}") from exc
+        except ValueError as exc:
+            # Factories reject option values with ValueError; those values come from the study.
+            where = _OPTIONS_KEYS.get(kind, "the study file").format(name=name)
+            raise ConfigError(f"invalid options for {kind} {name!r}: {exc}. Fix {where}") from exc
 
     def _lookup(self, kind: str, name: str) -> _Component:
         _check_kind(kind)

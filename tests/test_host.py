@@ -369,3 +369,30 @@ def test_raising_hook_reported_at_start(tmp_path):
             PluginHost(entry_points=False, modules=["raising_plugin"], search_path=[tmp_path], strict=True)
     finally:
         sys.modules.pop("raising_plugin", None)
+
+
+def test_invalid_option_value_is_config_error(host):
+    from medtl.errors import EXIT_CONFIG, ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        host.create("strategy", "finetune", mixup_alpha=-1.0)
+    assert info.value.exit_code == EXIT_CONFIG
+    assert "strategy 'finetune'" in str(info.value)
+    assert "mixup_alpha" in str(info.value)
+    assert "strategy.options" in str(info.value)
+
+
+def test_default_preset_flips_listed_axes(host):
+    from types import SimpleNamespace
+
+    from monai.transforms import RandFlipd
+
+    from medtl.errors import ConfigError
+
+    data = SimpleNamespace(spatial_dims=2)
+    both = [t for t in host.create("transform", "default", data=data, flip_axes=[0, 1]) if isinstance(t, RandFlipd)]
+    assert [t.flipper.spatial_axis for t in both] == [0, 1]
+    last = [t for t in host.create("transform", "default", data=data) if isinstance(t, RandFlipd)]
+    assert [t.flipper.spatial_axis for t in last] == [1]
+    with pytest.raises(ConfigError, match="flip_axes"):
+        host.create("transform", "default", data=data, flip_axes=[2])
