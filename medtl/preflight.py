@@ -36,7 +36,7 @@ def _component_names(study: Study) -> list[tuple[str, str, str]]:
 
 
 def study_problems(study: Study, host: PluginHost) -> list[tuple[str, str]]:
-    """Return ``(key path, message)`` for each unknown component name and missing weights file.
+    """Return ``(key path, message)`` for each unknown component name and missing manifest or weights file.
 
     Component names come from the study and from the source column of a CSV manifest.
     """
@@ -48,6 +48,10 @@ def study_problems(study: Study, host: PluginHost) -> list[tuple[str, str]]:
 
     # A manifest's source column names source plugins too. Reading it reads no image.
     manifest = study.resolve_path(study.data.manifest)
+    if not manifest.is_file():
+        problems.append(("data.manifest", (
+            f"manifest not found: {manifest} (value {study.data.manifest!r}). Set it to an existing CSV or "
+            f".npz file, relative to the study file's folder {study.base_dir}")))
     valid_sources = host.components("source")
     for name, rows in source_column(manifest).items():
         if name not in valid_sources:

@@ -89,3 +89,13 @@ def test_manifest_source_column_checked(tmp_path, capsys, no_work):
     assert (f"data.manifest: {manifest}, source column, row 2 and 1 more: unknown source 'dicm'. "
             "Did you mean 'dicom'?") in err
     assert "unknown source 'nifti'" not in err
+
+
+def test_missing_manifest_fails_before_run(tmp_path, capsys, no_work):
+    code = main(_run(tmp_path, "data.manifest=nope.csv"))
+    err = capsys.readouterr().err
+
+    assert code == EXIT_CONFIG
+    assert not (tmp_path / "runs").exists()
+    assert "data.manifest: manifest not found:" in err
+    assert "--set 'data.manifest=nope.csv'" in err
