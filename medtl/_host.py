@@ -234,7 +234,8 @@ class PluginHost:
             if name in _warned_block_names:
                 continue
             _warned_block_names.add(name)
-            close = difflib.get_close_matches(name, known, n=1)
+            # A builtin's short name ("dann") does not block it: suggest the module name.
+            close = [k for k in known if k.endswith("." + name)] or difflib.get_close_matches(name, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             logger.warning(
                 "%s names %r, which matches no known plugin, so it blocks nothing.%s Known plugins: %s. "

@@ -396,3 +396,10 @@ def test_default_preset_flips_listed_axes(host):
     assert [t.flipper.spatial_axis for t in last] == [1]
     with pytest.raises(ConfigError, match="flip_axes"):
         host.create("transform", "default", data=data, flip_axes=[2])
+
+
+def test_block_short_name_suggests_module(monkeypatch, host_warnings):
+    monkeypatch.setenv("MEDTL_BLOCK_PLUGINS", "dann")
+    PluginHost()
+    messages = [record.getMessage() for record in host_warnings]
+    assert any("names 'dann'" in m and "Did you mean 'medtl_plugins.dann'?" in m for m in messages), messages
