@@ -187,7 +187,9 @@ def load_manifest(
     if problems:
         first = problems[:50]
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise DataError(f"{path}: invalid manifest ({len(problems)} problems):\n  " + "\n  ".join(first) + more)
+        count = f"{len(problems)} problem" + ("s" if len(problems) != 1 else "")
+        raise DataError(f"{path}: invalid manifest ({count}):\n  " + "\n  ".join(first) + more
+                        + "\nFix these rows or remove them from the manifest; nothing was trained.")
     if not rows:
         raise DataError(f"{path}: the manifest has no rows")
     return Manifest(rows=rows, path=str(path), sha256=sha, labels=label_list)

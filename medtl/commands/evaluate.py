@@ -90,7 +90,9 @@ def format_evaluation(evaluation: dict[str, Any]) -> str:
         lines.append(f"AUC drop, internal test to {name}: {text}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
     threshold = evaluation["threshold"]
     if threshold.get("value") is not None:
-        lines.append(f"threshold ({threshold['method']}, from validation): {threshold['value']:.4f}")
+        lines.append(f"threshold ({threshold['method']}, from validation): {threshold['value']:.4f}; "
+                     "sensitivity and specificity use it, while balanced_accuracy (like accuracy in "
+                     "metrics.json) counts the most probable class")
     return "\n".join(lines)
 
 
