@@ -94,19 +94,21 @@ class NiftiSource:
         except (OSError, EOFError, ValueError, MemoryError, nib.filebasedimages.ImageFileError) as exc:
             raise BadFileError(path, f"not a readable NIfTI file: {type(exc).__name__}: {exc}") from None
         affine = np.asarray(img.affine, dtype=np.float64)
+        import nibabel.orientations as nio
+
+        stored = "".join(nio.aff2axcodes(affine))
         data = self._select_volumes(data, path)  # (X, Y, Z, C)
         if self.options.orientation is not None:
             data, affine = reorient(data, affine, self.options.orientation)
         data = self._apply_nan_policy(data, path)
         zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
         array = np.ascontiguousarray(np.moveaxis(data, -1, 0), dtype=np.float32)
-        import nibabel.orientations as nio
-
         meta = {
             "kind": "nifti",
             "spacing": tuple(float(z) for z in zooms),
             "affine": affine,
             "orientation": "".join(nio.aff2axcodes(affine)),
+            "stored_orientation": stored,
             "shape": tuple(array.shape),
             "form": _affine_source(img),
         }

@@ -135,3 +135,15 @@ def test_convert_nifti_keeps_what_source_reads(tmp_path):
     written = nib.load(out)
     assert np.array_equal(np.asarray(written.dataobj), array[0])
     assert np.allclose(written.affine, meta["affine"])
+
+
+def test_inspect_shows_stored_orientation(tmp_path):
+    import nibabel as nib
+
+    from medtl.commands.inspect import inspect_paths
+
+    path = tmp_path / "lps.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((3, 4, 5), dtype=np.float32), np.diag([-1.0, -1.0, 1.0, 1.0])), path)
+    (entry,) = inspect_paths([path])
+    assert entry["orientation"] == "RAS"
+    assert entry["stored_orientation"] == "LPS"

@@ -61,7 +61,8 @@ def _describe(path: Path, series: str | None, read: Any) -> dict[str, Any]:
                      if affine is not None and meta.get("patient_frame", True) else None),
         range=[float(array[finite].min()), float(array[finite].max())] if finite.any() else None,
     )
-    for key in ("modality", "photometric", "transfer_syntax", "gantry_tilt_deg", "warnings", "form"):
+    for key in ("stored_orientation", "modality", "photometric", "transfer_syntax", "gantry_tilt_deg", "warnings",
+                "form"):
         if meta.get(key) not in (None, [], ""):
             entry[key] = meta[key]
     return entry
@@ -149,7 +150,10 @@ def _format(entry: dict[str, Any]) -> str:
         if entry.get("spacing"):
             parts.append("spacing " + "x".join(f"{s:.4g}" for s in entry["spacing"]) + " mm")
         if entry.get("orientation"):
-            parts.append(f"orientation {entry['orientation']}")
+            stored = entry.get("stored_orientation")
+            # The nifti source reorients on reading, so a file's own axis order can differ.
+            parts.append(f"orientation {entry['orientation']}"
+                         + (f" (stored {stored})" if stored and stored != entry["orientation"] else ""))
         if entry.get("range"):
             parts.append(f"range {entry['range'][0]:.6g}..{entry['range'][1]:.6g}")
         for key in ("modality", "photometric", "transfer_syntax"):
