@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -123,8 +124,12 @@ def versions(host: Any = None) -> dict[str, Any]:
 
 
 def attach_log_file(path: Path) -> logging.Handler:
-    """Send medtl's log records to the run log."""
+    """Send medtl's log records to the run log, readable by its owner only like the other outputs."""
     handler = logging.FileHandler(path, encoding="utf-8")
+    try:
+        os.chmod(path, 0o600)
+    except OSError:  # a file system without POSIX modes keeps its default
+        pass
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger("medtl")

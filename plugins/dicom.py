@@ -404,7 +404,11 @@ def _dcmread(path: Path) -> Any:
     from pydicom.errors import InvalidDicomError
 
     try:
+        if path.stat().st_size == 0:
+            raise BadFileError(str(path), "the file is empty (0 bytes); copy it again from its source")
         return pydicom.dcmread(path)
+    except BadFileError:
+        raise
     except InvalidDicomError:
         raise BadFileError(str(path), "not a DICOM file: no DICM prefix after the 128-byte preamble. "
                                       "Files without a preamble and file meta group are not read") from None

@@ -473,3 +473,12 @@ def test_header_only_image_is_bad_not_skipped(tmp_path):
         medtl.create("source", "dicom").read(str(cut))
     assert not isinstance(info.value, SkippedFile)
     assert "cut.dcm" in str(info.value)
+
+
+def test_empty_file_named_as_empty(tmp_path):
+    path = tmp_path / "empty.dcm"
+    path.write_bytes(b"")
+    with pytest.raises(BadFileError) as info:
+        DicomSource().read(str(path))
+    assert info.value.path == str(path)
+    assert "empty" in info.value.reason
