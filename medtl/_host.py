@@ -67,7 +67,7 @@ KINDS: dict[str, str] = {
     "validator": "medtl_register_validators",
 }
 
-#: Component kind -> the study keys that hold its options, for error messages.
+#: Component kind -> the study key under which its options are set, for error messages.
 _OPTIONS_KEYS: dict[str, str] = {
     "source": "data.sources.{name}",
     "transform": "transforms.options",
