@@ -7,12 +7,17 @@ with exit code 2, and leaves no half-made run folder behind.
 
 from __future__ import annotations
 
+import difflib
+import logging
+
 from medtl._host import PluginHost, unknown_component_message
 from medtl.config import Study
 from medtl.errors import ConfigError
 from medtl.manifest import source_column
 
-__all__ = ["check_study", "study_problems"]
+__all__ = ["check_study", "study_problems", "unknown_trackers"]
+
+logger = logging.getLogger(__name__)
 
 
 def _component_names(study: Study) -> list[tuple[str, str, str]]:
@@ -69,8 +74,34 @@ def study_problems(study: Study, host: PluginHost) -> list[tuple[str, str]]:
     return [(key, study.override_note(key, text)) for key, text in problems]
 
 
+def unknown_trackers(study: Study, host: PluginHost) -> list[str]:
+    """Return a warning for each name in ``trackers`` that no loaded plugin declares.
+
+    A tracker plugin declares its name in a module-level ``TRACKER`` string, as the
+    builtin ``tensorboard`` and ``mlflow`` trackers do. A third-party tracker that does
+    not declare it still works, so an unknown name only warns.
+    """
+    declared = sorted({name for plugin in host.pm.get_plugins()
+                       if isinstance(name := getattr(plugin, "TRACKER", None), str)})
+    warnings = []
+    for name in study.trackers:
+        if name in declared:
+            continue
+        close = difflib.get_close_matches(name, declared, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        warnings.append(f"trackers lists {name!r}, which no loaded plugin declares, so probably nothing logs to it."
+                        f"{hint} Known trackers: {', '.join(declared) or 'none'}. A third-party tracker "
+                        "without a module-level TRACKER name is not listed and can ignore this warning.")
+    return warnings
+
+
 def check_study(study: Study, host: PluginHost) -> None:
-    """Raise a :class:`ConfigError` listing every problem that :func:`study_problems` finds."""
+    """Raise a :class:`ConfigError` listing every problem that :func:`study_problems` finds.
+
+    Unknown tracker names (see :func:`unknown_trackers`) are logged as warnings.
+    """
+    for warning in unknown_trackers(study, host):
+        logger.warning("%s", warning)
     problems = study_problems(study, host)
     if problems:
         raise ConfigError(f"study {study.name!r} names unknown components or missing files, so nothing "

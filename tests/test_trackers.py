@@ -96,3 +96,17 @@ def test_missing_tracker_package_names_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fail_tensorboard)
     with pytest.raises(PluginError, match=r"medtl\[tensorboard\]"):
         tensorboard_tracker.medtl_run_start(run=_run(tmp_path, ["tensorboard"]))
+
+
+def test_unknown_tracker_name_warns_with_closest(tmp_path):
+    from medtl._host import PluginHost
+    from medtl.config import study_from_dict
+    from medtl.preflight import unknown_trackers
+
+    host = PluginHost()
+    typo = study_from_dict({"data": {"manifest": "m.csv"}, "trackers": ["tensorbaord", "mlflow"]}, base_dir=tmp_path)
+    (warning,) = unknown_trackers(typo, host)
+    assert "'tensorbaord'" in warning
+    assert "Did you mean 'tensorboard'?" in warning
+    known = study_from_dict({"data": {"manifest": "m.csv"}, "trackers": ["tensorboard"]}, base_dir=tmp_path)
+    assert unknown_trackers(known, host) == []
