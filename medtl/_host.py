@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -18,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import pluggy
 
 from medtl import hookspecs
-from medtl.errors import ConfigError, PluginError, UnknownComponentError
+from medtl.errors import ConfigError, PluginError, UnknownComponentError, did_you_mean
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -234,9 +233,8 @@ class PluginHost:
             if name in _warned_block_names:
                 continue
             _warned_block_names.add(name)
-            # A builtin's short name ("dann") does not block it: suggest the module name.
-            close = [k for k in known if k.endswith("." + name)] or difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            # A builtin's short name ("dann") does not block it, so the hint names the module.
+            hint = did_you_mean(name, known)
             logger.warning(
                 "%s names %r, which matches no known plugin, so it blocks nothing.%s Known plugins: %s. "
                 "If it is a third-party plugin that is not installed, nothing needs blocking and this "
@@ -579,8 +577,7 @@ class _BrokenHook(Exception):
 
 def unknown_component_message(kind: str, name: str, valid: Sequence[str]) -> str:
     """Describe an unknown component name, with the closest valid name and all valid names."""
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(name, valid)
     return f"unknown {kind} {name!r}.{hint} Valid names: {', '.join(valid) or '(none registered)'}."
 
 

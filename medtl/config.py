@@ -8,7 +8,6 @@ typo never passes silently.
 from __future__ import annotations
 
 import copy
-import difflib
 import types
 from pathlib import Path
 from typing import Any, Literal, Mapping, Union, get_args, get_origin, overload
@@ -16,7 +15,7 @@ from typing import Any, Literal, Mapping, Union, get_args, get_origin, overload
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from medtl.errors import ConfigError
+from medtl.errors import ConfigError, did_you_mean
 from medtl.orientation import check_axcodes
 
 __all__ = [
@@ -381,16 +380,15 @@ def _section_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
 def _unknown_key_message(loc: tuple[Any, ...], value: Any) -> str:
     """Describe an unknown key with its value, the closest allowed key and all allowed keys."""
     key = str(loc[-1])
-    shown = repr(value)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    text = f"unknown key {key!r} (value {shown})."
+    value_text = repr(value)
+    if len(value_text) > 60:
+        value_text = value_text[:57] + "..."
+    text = f"unknown key {key!r} (value {value_text})."
     section = _section_at(tuple(loc[:-1]))
     if section is None:
         return text + " Check the spelling against the study-file reference in README.md."
     allowed = sorted(name for name in section.model_fields if name != "base_dir")
-    close = difflib.get_close_matches(key, allowed, n=1)
-    if close:
-        text += f" Did you mean {close[0]!r}?"
+    text += did_you_mean(key, allowed)
     where = "under " + ".".join(str(p) for p in loc[:-1]) if len(loc) > 1 else "at the top level"
     return f"{text} Allowed keys {where}: {', '.join(allowed)}."
 

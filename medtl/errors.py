@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 __all__ = [
+    "did_you_mean",
     "EXIT_OK",
     "EXIT_FAILURE",
     "EXIT_CONFIG",
@@ -110,3 +114,15 @@ class RunInterrupted(MedtlError):
     def __init__(self, message: str, run_dir: str):
         self.run_dir = run_dir
         super().__init__(message)
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """Return " Did you mean 'X'?" for the candidate closest to ``name``, or "" when none is close.
+
+    A candidate that ends with ``"." + name`` wins, so a module's short name points to
+    its dotted name.
+    """
+    candidates = list(candidates)
+    close = [c for c in candidates if c.endswith("." + name)] or difflib.get_close_matches(name, candidates, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+

@@ -7,12 +7,11 @@ with exit code 2, and leaves no half-made run folder behind.
 
 from __future__ import annotations
 
-import difflib
 import logging
 
 from medtl._host import PluginHost, unknown_component_message
 from medtl.config import Study
-from medtl.errors import ConfigError
+from medtl.errors import ConfigError, did_you_mean
 from medtl.manifest import source_column
 
 __all__ = ["check_study", "study_problems", "unknown_trackers"]
@@ -87,10 +86,8 @@ def unknown_trackers(study: Study, host: PluginHost) -> list[str]:
     for name in study.trackers:
         if name in declared:
             continue
-        close = difflib.get_close_matches(name, declared, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
         warnings.append(f"trackers lists {name!r}, which no loaded plugin declares, so probably nothing logs to it."
-                        f"{hint} Known trackers: {', '.join(declared) or 'none'}. A third-party tracker "
+                        f"{did_you_mean(name, declared)} Known trackers: {', '.join(declared) or 'none'}. A third-party tracker "
                         "without a module-level TRACKER name is not listed and can ignore this warning.")
     return warnings
 
