@@ -12,7 +12,7 @@ simply no longer used. File names are hex digests and contain no path, patient I
 DICOM value. Entries are written to a temporary file and renamed, so two runs that
 share a cache folder never read a half-written entry.
 
-Hashing the image files is most of the cost of a warm epoch, so ``digests.json`` in the
+Hashing the image files is a large part of a warm epoch, so ``digests.json`` in the
 cache folder remembers each file's content digest together with its size, modification
 time, change time and inode. A later run reads a file again only when one of these has
 changed, the test that git and DVC use to skip unchanged files. Writing to a file always
@@ -103,7 +103,12 @@ class DigestIndex:
         return digest
 
     def save(self) -> None:
-        """Write the index atomically if it gained entries. A failure only logs a warning."""
+        """Write the index atomically if it gained entries. A failure only logs a warning.
+
+        NOTE: entries of moved or deleted files are never dropped, and each save
+        rewrites the whole file, so a cache folder shared by many large studies keeps
+        a growing index; deleting digests.json only costs one round of hashing.
+        """
         if not self._dirty:
             return
         try:

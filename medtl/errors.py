@@ -29,7 +29,7 @@ __all__ = [
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected internal error; the CLI prints the traceback to the run log
-EXIT_CONFIG = 2  # invalid study file or --set override (unknown component name, missing weights file included), invalid command line
+EXIT_CONFIG = 2  # invalid study file or --set override (unknown component name, missing manifest or weights file included), invalid command line
 EXIT_DATA = 3  # invalid manifest, unreadable image, missing file
 EXIT_TRAINING = 4  # training diverged or failed
 EXIT_PLUGIN = 5  # plugin failed to load in strict mode, duplicate component, unknown component requested by code

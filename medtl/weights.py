@@ -113,7 +113,7 @@ def load_tensors_only(path: Path, purpose: str, remedy: str, map_location: str |
     Args:
         path: the file.
         purpose: what the file should be, such as ``"weights"`` or ``"a medtl checkpoint"``.
-        remedy: the sentence that tells the user what to do about unsafe content.
+        remedy: the sentence that explains the user what to do about unsafe content.
         map_location: passed to ``torch.load``.
     """
     try:

@@ -156,7 +156,7 @@ def test_unchanged_files_not_hashed_again(tmp_path):
     assert str(tmp_path) not in index_text
 
 
-def test_rewritten_file_hashed_again_despite_same_stat_times(tmp_path):
+def test_rewritten_file_hashed_again(tmp_path):
     import os
 
     _dataset(tmp_path)

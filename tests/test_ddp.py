@@ -102,7 +102,7 @@ def test_all_gather_with_grad_single_process_is_identity():
 
 
 @pytest.mark.parametrize("name", ["dann", "contrastive"])
-def test_strategy_step_under_ddp_matches_one_process(tmp_path, name):
+def test_ddp_strategy_step_matches_single(tmp_path, name):
     """DANN's discriminator and the contrastive losses get the global batch's gradients under DDP."""
     torch.multiprocessing.spawn(strategy_step_worker, args=(2, _free_port(), name, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=True) for r in range(2)]
